@@ -1,0 +1,109 @@
+"""Kernel registry: every NVFP4 quantize backend behind one small interface.
+
+A backend quantizes row chunks of a 2-D weight against a given float32 global scale and returns the
+packed codes and linear-layout block scales. ``reference`` is always present; faster ones register
+themselves here and are chosen by :func:`select_backend`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from . import reference
+
+QuantizeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+AmaxFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One quantize implementation.
+
+    Attributes:
+        name: what ``--backend`` calls it.
+        quantize: ``(weight [R, K], ws2 float32 0-dim) -> (packed uint8 [R, K/2], scales fp8 [R, K/16])``;
+            outputs are on the CPU.
+        amax: ``weight -> max|weight|`` as a float32 0-dim tensor.
+        exact: whether it is bit-exact with the reference (approximate kernels are checked against a
+            tolerance instead).
+        device: ``"cpu"`` or ``"cuda"``: where it computes.
+        available: returns ``None`` when usable here, else the reason it is not.
+        priority: higher wins in automatic selection among available backends of the same device.
+    """
+
+    name: str
+    quantize: QuantizeFn
+    amax: AmaxFn
+    exact: bool = True
+    device: str = "cpu"
+    available: Callable[[], str | None] = field(default=lambda: None)
+    priority: int = 0
+    description: str = ""
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add (or replace) a backend under its name."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def backends() -> dict[str, Backend]:
+    """All registered backends, by name."""
+    return dict(_REGISTRY)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises ``KeyError`` listing the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def select_backend(name: str | None = None, *, device: str | None = None) -> tuple[Backend, str]:
+    """Pick a backend and say why.
+
+    Args:
+        name: an explicit choice (``--backend``); must be available.
+        device: restrict automatic choice to ``"cpu"`` or ``"cuda"``; by default CUDA backends are
+            preferred when a GPU is present.
+
+    Returns:
+        ``(backend, reason)``.
+    """
+    if name is not None:
+        backend = get_backend(name)
+        why_not = backend.available()
+        if why_not:
+            raise RuntimeError(f"backend {name!r} cannot run here: {why_not}")
+        return backend, "chosen with --backend"
+    devices = [device] if device else (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
+    skipped = []
+    for dev in devices:
+        candidates = sorted((b for b in _REGISTRY.values() if b.device == dev), key=lambda b: -b.priority)
+        for backend in candidates:
+            why_not = backend.available()
+            if why_not is None:
+                reason = "fastest available" + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+                return backend, reason
+            skipped.append(f"{backend.name}: {why_not}")
+    return _REGISTRY["reference"], "fallback"
+
+
+register(
+    Backend(
+        name="reference",
+        quantize=reference.quantize,
+        amax=reference.amax,
+        exact=True,
+        device="cpu",
+        priority=-100,
+        description="pure torch, bit-exact with ModelOpt 0.47; slow but runs anywhere",
+    )
+)

@@ -1,0 +1,54 @@
+"""Pure-torch NVFP4 reference quantizer, bit-exact with ModelOpt 0.47 ``NVFP4QTensor.quantize``.
+
+It runs on any device torch supports and is the yardstick every other backend is checked against.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN
+
+# Rounding boundaries of the E2M1 grid [0, .5, 1, 1.5, 2, 3, 4, 6]; a value equal to one of the odd
+# boundaries (0.75, 1.75, 3.5) is a tie whose even neighbour is the upper code.
+_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_ODD_BOUNDS = torch.tensor([0.75, 1.75, 3.5])
+
+
+def block_scales(blocks: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """FP8-E4M3 scale of each 16-element block: ``fp8(clamp(amax_b / (6 * ws2), 2^-9, 448))``, 0 -> 1."""
+    amax = blocks.abs().amax(-1).float()
+    scale = amax / (E2M1_MAX * ws2)
+    scale[scale == 0] = 1.0
+    return scale.clamp(min=SCALE_MIN, max=E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def cast_e2m1(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 values to 4-bit E2M1 codes (ties to even, saturating at 6, sign bit from ``x < 0``)."""
+    sign = (x < 0).to(torch.uint8)
+    mag = x.abs()
+    code = torch.searchsorted(_BOUNDS.to(x.device), mag, out_int32=True).to(torch.uint8)
+    tie = (mag.unsqueeze(-1) == _ODD_BOUNDS.to(x.device)).any(-1).to(torch.uint8)
+    return (sign << 3) + code + tie
+
+
+def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rows of ``weight`` ``[R, K]`` against the float32 global scale ``ws2``.
+
+    Returns the packed codes ``uint8 [R, K/2]`` (element 2j in the low nibble) and the block scales
+    ``float8_e4m3fn [R, K/16]`` in plain row-major layout.
+    """
+    rows, k = weight.shape
+    assert k % BLOCK == 0, "K must be a multiple of 16"
+    ws2 = ws2.to(device=weight.device, dtype=torch.float32)
+    blocks = weight.view(rows, k // BLOCK, BLOCK)
+    scales = block_scales(blocks, ws2)
+    scaled = blocks / (scales.float() * ws2).unsqueeze(-1)
+    codes = cast_e2m1(scaled.view(rows, k))
+    packed = (codes[:, 1::2] << 4) | codes[:, 0::2]
+    return packed, scales
+
+
+def amax(weight: torch.Tensor) -> torch.Tensor:
+    """max|weight| as a float32 0-dim tensor (exact: the max of values of the input dtype)."""
+    return weight.abs().amax().float()

@@ -1,0 +1,230 @@
+"""Safetensors headers, checked, and a writer that streams tensors into a pre-laid-out file.
+
+The ``safetensors`` package reads data (``safe_open``) but can only write whole dicts held in memory;
+the converter writes shards far larger than the memory it may use, so it lays out the header from
+the plan and fills each tensor's byte range as it is produced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import ConvertError
+from .sources.base import ShardHeader, TensorInfo
+
+DTYPE_SIZES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "I16": torch.int16, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I32": torch.int32, "F32": torch.float32, "I64": torch.int64, "F64": torch.float64,
+}  # fmt: skip
+FLOAT_DTYPES = ("F16", "BF16", "F32")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
+    """Check and parse the JSON header bytes (without the 8-byte length prefix) of ``filename``."""
+    where = filename
+
+    def bad(what: str) -> ConvertError:
+        return ConvertError(f"corrupt safetensors header: {what}", where=where,
+                            fix="Re-download or re-export this shard")
+
+    def no_duplicates(pairs):
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise ConvertError(f"duplicate tensor name {key!r}", where=where,
+                                   fix="Re-export the checkpoint; each tensor name must appear once")
+            seen[key] = value
+        return seen
+
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise bad(f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise bad("not a JSON object")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise bad("__metadata__ is not an object")
+    data_start = 8 + len(raw)
+    data_len = file_size - data_start
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in doc.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry for {name!r} lacks dtype/shape/data_offsets") from None
+        if dtype not in DTYPE_SIZES:
+            raise ConvertError(f"tensor {name!r} has unsupported dtype {dtype}", where=where,
+                               fix="Only standard safetensors dtypes can be converted")
+        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (0 <= begin <= end):
+            raise bad(f"bad shape or offsets for {name!r}")
+        if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
+            raise bad(f"{name!r} is {dtype}{list(shape)} but its offsets span {end - begin} bytes")
+        tensors[name] = TensorInfo(name, dtype, shape, (begin, end))
+    cursor = 0
+    for info in sorted(tensors.values(), key=lambda t: t.data_offsets):
+        if info.data_offsets[0] != cursor:
+            raise bad(f"tensor data overlaps or leaves a gap at {info.name!r}")
+        cursor = info.data_offsets[1]
+    if cursor > data_len:
+        raise ConvertError(f"truncated shard: header promises {cursor} data bytes, file has {data_len}",
+                           where=where, fix="Re-download or re-export this shard")
+    if cursor < data_len:
+        raise bad(f"{data_len - cursor} trailing bytes after the last tensor")
+    return ShardHeader(filename, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, file_size)
+
+
+def read_header(path: Path, *, filename: str | None = None) -> ShardHeader:
+    """Read and check the header of a local ``.safetensors`` file (no tensor data is read)."""
+    filename = filename or path.name
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ConvertError("truncated shard: shorter than 8 bytes", where=filename,
+                               fix="Re-download or re-export this shard")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > _MAX_HEADER or 8 + length > size:
+            raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {size}-byte file",
+                               where=filename, fix="Re-download or re-export this shard")
+        raw = f.read(length)
+    return parse_header(raw, filename=filename, file_size=size)
+
+
+def read_tensor_bytes(path: Path, header: ShardHeader, name: str, start: int = 0, stop: int | None = None) -> bytearray:
+    """Raw bytes ``[start, stop)`` of tensor ``name`` (relative to the tensor's own data)."""
+    info = header.tensors[name]
+    stop = info.nbytes if stop is None else stop
+    buf = bytearray(stop - start)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(header.data_start + info.data_offsets[0] + start)
+        view, got = memoryview(buf), 0
+        while got < len(buf):
+            n = f.readinto(view[got:])
+            if not n:
+                raise ConvertError("truncated shard while reading tensor data", where=f"{header.filename}:{name}",
+                                   fix="Re-download or re-export this shard")
+            got += n
+    return buf
+
+
+def read_rows(path: Path, header: ShardHeader, name: str, row_start: int, row_stop: int) -> torch.Tensor:
+    """Rows ``[row_start, row_stop)`` of the 2-D tensor ``name`` as a torch tensor of its dtype."""
+    info = header.tensors[name]
+    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+    buf = read_tensor_bytes(path, header, name, row_start * row_bytes, row_stop * row_bytes)
+    return torch.frombuffer(buf, dtype=TORCH_DTYPES[info.dtype]).view(row_stop - row_start, *info.shape[1:])
+
+
+@dataclass(frozen=True)
+class OutTensor:
+    """A tensor the writer will hold: name, safetensors dtype, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+
+def layout(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:
+    """Header bytes (with length prefix, space-padded to 8) and each tensor's absolute file offset.
+
+    Tensors are ordered by decreasing element size, then name, as the safetensors serializer does, so
+    every tensor is naturally aligned.
+    """
+    ordered = sorted(tensors, key=lambda t: (-DTYPE_SIZES[t.dtype], t.name))
+    doc: dict[str, object] = {"__metadata__": metadata or {"format": "pt"}}
+    offsets, cursor = {}, 0
+    for t in ordered:
+        doc[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [cursor, cursor + t.nbytes]}
+        offsets[t.name] = cursor
+        cursor += t.nbytes
+    raw = json.dumps(doc, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    head = struct.pack("<Q", len(raw)) + raw
+    return head, {name: len(head) + off for name, off in offsets.items()}
+
+
+class ShardWriter:
+    """Writes one output shard: header first, then tensors in any order at their planned offsets.
+
+    The file is built as ``<name>.partial`` and renamed into place by :meth:`commit` after an fsync,
+    so a shard under its final name is always complete.
+    """
+
+    def __init__(self, path: Path, tensors: list[OutTensor]):
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        head, self.offsets = layout(tensors)
+        self.sizes = {t.name: t.nbytes for t in tensors}
+        self.total = len(head) + sum(self.sizes.values())
+        self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(self.fd, self.total)
+            self._pwrite(head, 0)
+        except OSError as exc:
+            self.abort()
+            raise _io_error(exc, path) from None
+
+    def write(self, name: str, data: bytes | bytearray | memoryview | torch.Tensor, at: int = 0) -> None:
+        """Write ``data`` into tensor ``name`` starting at byte ``at`` of that tensor."""
+        if isinstance(data, torch.Tensor):
+            data = data.contiguous().view(torch.uint8).numpy().data if data.numel() else b""
+        view = memoryview(data).cast("B")
+        if at + len(view) > self.sizes[name]:
+            raise ValueError(f"write past the end of {name}")
+        try:
+            self._pwrite(view, self.offsets[name] + at)
+        except OSError as exc:
+            self.abort()
+            raise _io_error(exc, self.path) from None
+
+    def _pwrite(self, view, offset: int) -> None:
+        view = memoryview(view)
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def commit(self) -> None:
+        """Flush to disk and move the finished shard to its final name."""
+        try:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.partial, self.path)
+        except OSError as exc:
+            self.abort()
+            raise _io_error(exc, self.path) from None
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.partial.unlink(missing_ok=True)
+
+
+def _io_error(exc: OSError, path: Path) -> ConvertError:
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return ConvertError("disk full while writing", where=str(path),
+                            fix="Free space (see --dry-run for the output size) and re-run the same command to resume")
+    return ConvertError(f"cannot write: {exc.strerror}", where=str(path), fix="Check the output folder")

@@ -1,0 +1,116 @@
+"""What the converter needs from a checkpoint source, local folder or Hub repo alike."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_SHARD = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it (no data)."""
+
+    name: str
+    dtype: str  # safetensors dtype string: "BF16", "F16", "F32", "F8_E4M3", "U8", ...
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]  # relative to the start of the data buffer
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The parsed header of one ``.safetensors`` file."""
+
+    filename: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data buffer in the file (8 + header length)
+    file_size: int
+
+
+class Source(Protocol):
+    """A checkpoint to convert. Implementations: :class:`LocalSource`, :class:`HubSource`.
+
+    Lifecycle: the converter reads ``config``, ``files`` and ``headers()`` to plan (no tensor data),
+    then for each shard it needs calls ``prefetch`` (optional, may start a background download),
+    ``acquire`` (blocks until a verified local file is there) and ``release`` (done with it: a
+    downloaded copy may be deleted).
+    """
+
+    description: str  # e.g. "meta-llama/Llama-3.1-8B @ 0123abcd" or "/path/to/folder"
+    revision: str | None  # resolved commit sha for Hub sources, None for local folders
+
+    @property
+    def files(self) -> list[str]:
+        """Every file of the checkpoint, as relative POSIX paths."""
+
+    def read_json(self, filename: str) -> dict:
+        """Load a small JSON file (``config.json``, the safetensors index)."""
+
+    def fetch_file(self, filename: str) -> Path:
+        """A local path for a small non-weight file (tokenizer, card, ...), downloading if needed."""
+
+    def headers(self) -> dict[str, ShardHeader]:
+        """Header of every weight shard, keyed by shard filename, read without tensor data."""
+
+    def prefetch(self, filename: str) -> None:
+        """Start getting ``filename`` in the background (no-op where not applicable)."""
+
+    def acquire(self, filename: str) -> Path:
+        """A verified local path for the shard ``filename``; blocks until it is there."""
+
+    def release(self, filename: str) -> None:
+        """The converter no longer needs ``filename``; a downloaded copy may be deleted."""
+
+    def fingerprint(self) -> str:
+        """A stable identity of the source content, used to decide whether a resume is safe."""
+
+    def close(self) -> None:
+        """Stop background work and clean up scratch files."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_relative(filename: str, *, where: str) -> str:
+    """Refuse a file name that could point outside the checkpoint folder."""
+    from ..errors import ConvertError
+
+    parts = filename.replace("\\", "/").split("/")
+    if not filename or filename.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+        raise ConvertError(f"file name {filename!r} points outside the checkpoint", where=where,
+                           fix="Fix the index; shard names must be plain relative paths")
+    return filename
+
+
+def weight_shards(files: list[str], read_json, *, where: str) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors shards of a checkpoint, and the index's tensor -> shard map if there is one."""
+    from ..errors import ConvertError
+
+    present = set(files)
+    if SAFETENSORS_INDEX in present:
+        index = read_json(SAFETENSORS_INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ConvertError("the safetensors index has no weight_map", where=f"{where}/{SAFETENSORS_INDEX}",
+                               fix="Re-export the checkpoint with save_pretrained")
+        shards = sorted({check_relative(str(s), where=f"{where}/{SAFETENSORS_INDEX}") for s in weight_map.values()})
+        for shard in shards:
+            if shard not in present:
+                raise ConvertError(f"the index names shard {shard!r}, which is missing",
+                                   where=f"{where}/{SAFETENSORS_INDEX}", fix="Download or restore the missing shard")
+        return shards, {str(k): str(v) for k, v in weight_map.items()}
+    if SINGLE_SHARD in present:
+        return [SINGLE_SHARD], None
+    if any(f.endswith(PICKLE_SUFFIXES) for f in files):
+        raise ConvertError("only pickle weights (*.bin/*.pt) found; they are never unpickled", where=where,
+                           fix="Convert the checkpoint to safetensors first (or use a repo that ships safetensors)")
+    raise ConvertError("no safetensors weights found", where=where,
+                       fix="Point at a folder or repo with model.safetensors or model.safetensors.index.json")

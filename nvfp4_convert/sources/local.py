@@ -1,0 +1,82 @@
+"""A checkpoint in a local folder, read in place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ..errors import ConvertError
+from ..safetensors_io import read_header
+from .base import ShardHeader, check_relative, weight_shards
+
+
+class LocalSource:
+    """A folder holding ``config.json`` and safetensors shards; nothing is copied or deleted."""
+
+    revision = None
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        self.description = str(self.root)
+        if not self.root.is_dir():
+            raise ConvertError("source folder not found", where=str(root), fix="Give a folder or a Hub repo id")
+        self._files = sorted(
+            p.relative_to(self.root).as_posix()
+            for p in self.root.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts)
+        )
+        self._headers: dict[str, ShardHeader] | None = None
+        self.shards, self.weight_map = weight_shards(self._files, self.read_json, where=self.description)
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    def _path(self, filename: str) -> Path:
+        check_relative(filename, where=self.description)
+        path = (self.root / filename).resolve()
+        if not path.is_relative_to(self.root):
+            raise ConvertError(f"{filename!r} resolves outside the source folder", where=self.description,
+                               fix="Remove the link or fix the index")
+        return path
+
+    def read_json(self, filename: str) -> dict:
+        path = self._path(filename)
+        if not path.is_file():
+            raise ConvertError(f"{filename} is missing", where=self.description,
+                               fix="A Hugging Face checkpoint folder needs config.json")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConvertError(f"{filename} is not valid JSON ({exc})", where=self.description,
+                               fix="Fix or re-download the file") from None
+
+    def fetch_file(self, filename: str) -> Path:
+        return self._path(filename)
+
+    def headers(self) -> dict[str, ShardHeader]:
+        if self._headers is None:
+            self._headers = {s: read_header(self._path(s), filename=s) for s in self.shards}
+        return self._headers
+
+    def prefetch(self, filename: str) -> None:
+        pass
+
+    def acquire(self, filename: str) -> Path:
+        return self._path(filename)
+
+    def release(self, filename: str) -> None:
+        pass
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        digest.update(self._path("config.json").read_bytes() if "config.json" in self._files else b"")
+        for name, header in sorted(self.headers().items()):
+            digest.update(f"{name}:{header.file_size}:{header.data_start}".encode())
+            for t in sorted(header.tensors.values(), key=lambda t: t.name):
+                digest.update(f"{t.name}|{t.dtype}|{t.shape}|{t.data_offsets}".encode())
+        return "local:" + digest.hexdigest()
+
+    def close(self) -> None:
+        pass
