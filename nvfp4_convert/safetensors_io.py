@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from .errors import ConvertError
-from .sources.base import ShardHeader, TensorInfo
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -32,6 +31,31 @@ TORCH_DTYPES = {
 }  # fmt: skip
 FLOAT_DTYPES = ("F16", "BF16", "F32")
 _MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor as a safetensors header describes it (no data)."""
+
+    name: str
+    dtype: str  # safetensors dtype string: "BF16", "F16", "F32", "F8_E4M3", "U8", ...
+    shape: tuple[int, ...]
+    data_offsets: tuple[int, int]  # relative to the start of the data buffer
+
+    @property
+    def nbytes(self) -> int:
+        return self.data_offsets[1] - self.data_offsets[0]
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    """The parsed header of one ``.safetensors`` file."""
+
+    filename: str
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data buffer in the file (8 + header length)
+    file_size: int
 
 
 def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
@@ -187,7 +211,7 @@ class ShardWriter:
     def write(self, name: str, data: bytes | bytearray | memoryview | torch.Tensor, at: int = 0) -> None:
         """Write ``data`` into tensor ``name`` starting at byte ``at`` of that tensor."""
         if isinstance(data, torch.Tensor):
-            data = data.contiguous().view(torch.uint8).numpy().data if data.numel() else b""
+            data = data.contiguous().reshape(-1).view(torch.uint8).numpy().data if data.numel() else b""
         view = memoryview(data).cast("B")
         if at + len(view) > self.sizes[name]:
             raise ValueError(f"write past the end of {name}")

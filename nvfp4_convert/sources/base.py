@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..safetensors_io import ShardHeader, TensorInfo  # noqa: F401  (re-exported)
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SINGLE_SHARD = "model.safetensors"
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor as a safetensors header describes it (no data)."""
-
-    name: str
-    dtype: str  # safetensors dtype string: "BF16", "F16", "F32", "F8_E4M3", "U8", ...
-    shape: tuple[int, ...]
-    data_offsets: tuple[int, int]  # relative to the start of the data buffer
-
-    @property
-    def nbytes(self) -> int:
-        return self.data_offsets[1] - self.data_offsets[0]
-
-
-@dataclass(frozen=True)
-class ShardHeader:
-    """The parsed header of one ``.safetensors`` file."""
-
-    filename: str
-    tensors: dict[str, TensorInfo]
-    metadata: dict[str, str]
-    data_start: int  # byte offset of the data buffer in the file (8 + header length)
-    file_size: int
 
 
 class Source(Protocol):

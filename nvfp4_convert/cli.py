@@ -1,0 +1,111 @@
+"""Command line: a thin typer layer over the library."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from . import __version__
+from .errors import ConvertError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn a Hugging Face LLM checkpoint into an NVFP4 checkpoint that vLLM, SGLang and TensorRT-LLM "
+    "load like a ModelOpt export.\n\nUsage: nvfp4-convert SRC OUT [OPTIONS]  (SRC: a Hub repo id or a local folder)",
+)
+COMMANDS = {"convert", "bench"}
+
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        raise exc
+    if isinstance(exc, KeyboardInterrupt):
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(130)
+    if isinstance(exc, ConvertError):
+        typer.echo(f"error: {exc.line()}", err=True)
+    else:
+        typer.echo(f"error: {type(exc).__name__}: {exc} (re-run with --debug for details)", err=True)
+    raise typer.Exit(2 if isinstance(exc, ConvertError) else 1)
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="Hub repo id (e.g. meta-llama/Llama-3.1-8B-Instruct) or a local folder.")],
+    out: Annotated[Path, typer.Argument(help="Output folder. Re-running the same command resumes it.")],
+    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hub token for gated/private repos (default: HF_TOKEN).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="Where Hub shards are downloaded, one at a time.")] = None,
+    keep_source: Annotated[bool, typer.Option(help="Keep downloaded shards instead of deleting each after use.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe replacing the one picked by model_type.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep modules matching this pattern in high precision (repeatable), e.g. '*self_attn*'.")] = None,
+    weight_only: Annotated[bool, typer.Option(help="Write W4A16_NVFP4 (no input_scale) instead of W4A4 NVFP4.")] = False,
+    max_shard_size: Annotated[str, typer.Option(help="Output shard size limit.")] = "5GB",
+    backend: Annotated[Optional[str], typer.Option(help="Force a quantize backend (see `nvfp4-convert bench`).")] = None,
+    exact: Annotated[bool, typer.Option(help="Only use backends bit-exact with ModelOpt.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and exit; write nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an output folder that holds something else.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert SRC (Hub repo or folder) into an NVFP4 checkpoint in OUT."""
+    from . import convert as run_convert
+    from .report import format_plan, format_summary
+
+    try:
+        report = run_convert(
+            src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
+            recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
+            backend=backend, exact=exact, threads=threads, dry_run=dry_run, overwrite=overwrite, progress=progress,
+            log=lambda line: typer.echo(line, err=True),
+        )
+    except (ConvertError, KeyboardInterrupt, Exception) as exc:  # one line, not a traceback
+        _fail(exc, debug)
+    typer.echo(format_plan(report) if dry_run else format_summary(report))
+
+
+@app.command()
+def bench(
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    backend: Annotated[Optional[list[str]], typer.Option(help="Only these backends (repeatable).")] = None,
+    dtype: Annotated[str, typer.Option(help="Input dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    csv: Annotated[Optional[Path], typer.Option(help="Also write the results to this CSV file.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure quantize throughput of every available backend on a sweep of weight shapes."""
+    from .bench import run_bench
+
+    try:
+        run_bench(device=device, backends=backend, dtype=dtype, csv_path=csv, out=typer.echo)
+    except (ConvertError, KeyboardInterrupt, Exception) as exc:
+        _fail(exc, debug)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"nvfp4-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+) -> None:
+    pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: ``nvfp4-convert SRC OUT`` is short for ``nvfp4-convert convert SRC OUT``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and not args[0].startswith("-") and args[0] not in COMMANDS:
+        args.insert(0, "convert")
+    app(args=args, prog_name="nvfp4-convert")

@@ -1,0 +1,337 @@
+"""The conversion: plan from headers, then stream source shards through a quantize backend into
+output shards, resumably."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .configs import hf_quant_config, quant_algo, quantized_model_config, safetensors_index
+from .errors import ConvertError
+from .kernels import Backend
+from .kernels.common import global_scale
+from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
+from .plan import Plan, Unit, build_plan
+from .recipes import Recipe, load_recipe
+from .safetensors_io import ShardWriter, read_rows, read_tensor_bytes
+from .sources import Source, open_source
+from .sources.base import PICKLE_SUFFIXES, SAFETENSORS_INDEX
+
+CHUNK_BYTES = 64 * 1024 * 1024
+_NOT_COPIED_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", ".partial", *PICKLE_SUFFIXES)
+_REWRITTEN = {"config.json", "hf_quant_config.json", SAFETENSORS_INDEX}
+
+
+@dataclass
+class Report:
+    """What a conversion did (or, with ``dry_run``, would do)."""
+
+    source: str
+    output: Path
+    plan: Plan
+    recipe: Recipe
+    backend: str = ""
+    backend_reason: str = ""
+    activation_policy: str = ""
+    seconds: float = 0.0
+    skipped_shards: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def quant_algo(self) -> str:
+        return quant_algo(self.plan.weight_only)
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"100KB"`` or a byte count -> bytes (decimal units, as transformers)."""
+    if isinstance(text, int):
+        return text
+    units = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "TIB": 2**40, "GIB": 2**30, "MIB": 2**20,
+             "KIB": 2**10, "B": 1}
+    raw = text.strip().upper()
+    for unit, factor in units.items():
+        if raw.endswith(unit) and raw[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(raw[: -len(unit)]) * factor)
+    if raw.isdigit():
+        return int(raw)
+    raise ConvertError(f"cannot read size {text!r}", where="--max-shard-size", fix="Use e.g. 5GB, 500MB or 100KB")
+
+
+def activation_policy(weight_only: bool) -> str:
+    if weight_only:
+        return "weight-only (W4A16_NVFP4): no input_scale; activations stay 16-bit"
+    return "W4A4 (NVFP4), data-free: input_scale = 1.0 for every quantized Linear (no calibration)"
+
+
+def convert(
+    src: str,
+    out: Path,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    work_dir: Path | None = None,
+    keep_source: bool = False,
+    recipe_file: Path | None = None,
+    excludes: list[str] | None = None,
+    weight_only: bool = False,
+    max_shard_size: str | int = "5GB",
+    backend: str | None = None,
+    exact: bool = False,
+    threads: int | None = None,
+    dry_run: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """Convert a Hugging Face checkpoint to a ModelOpt-format NVFP4 checkpoint.
+
+    Args:
+        src: a local folder or a Hub repo id.
+        out: the output folder (created; resumed when it holds an unfinished run of the same command).
+        revision: Hub branch, tag or commit (resolved to a commit once).
+        token: Hub token for gated or private repos (else ``HF_TOKEN``); never written anywhere.
+        endpoint: Hub endpoint URL (tests and mirrors).
+        work_dir: where Hub shards are downloaded one at a time (default: a temporary folder).
+        keep_source: keep downloaded shards instead of deleting each once used.
+        recipe_file: a TOML recipe replacing the one chosen by ``model_type``.
+        excludes: extra fnmatch patterns of modules to keep in high precision.
+        weight_only: write W4A16_NVFP4 (no ``input_scale``) instead of W4A4 NVFP4.
+        max_shard_size: output shard size limit, e.g. ``"5GB"``.
+        backend: force a quantize backend by name (default: the fastest that proves itself here).
+        exact: only accept backends bit-exact with ModelOpt.
+        threads: CPU threads for CPU backends (default: all cores).
+        dry_run: plan only; write nothing.
+        overwrite: replace an output folder that holds something else.
+        progress: show progress bars.
+        log: where human-readable lines go.
+
+    Returns:
+        A :class:`Report`.
+
+    Raises:
+        ConvertError: for bad input, with what went wrong, where, and what to do.
+    """
+    started = time.perf_counter()
+    source = open_source(src, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir,
+                         keep_source=keep_source)
+    try:
+        config = _read_config(source)
+        recipe = load_recipe(config=config, recipe_file=recipe_file, extra_excludes=excludes)
+        plan = build_plan(config=config, headers=source.headers(), weight_map=getattr(source, "weight_map", None),
+                          recipe=recipe, weight_only=weight_only, max_shard_size=parse_size(max_shard_size),
+                          where=source.description)
+        report = Report(source=source.description, output=Path(out), plan=plan, recipe=recipe,
+                        activation_policy=activation_policy(weight_only), dry_run=dry_run)
+        for warning in plan.warnings:
+            log(f"warning: {warning}")
+        if dry_run:
+            return report
+        chosen, reason = _choose_backend(backend, exact=exact, threads=threads)
+        report.backend, report.backend_reason = chosen.name, reason
+        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, parse_size(max_shard_size))
+        output = OutputDir(Path(out), fingerprint=fingerprint, overwrite=overwrite)
+        _write_shards(source, plan, output, chosen, report, progress=progress)
+        _write_other_files(source, output.path)
+        _write_final_files(config, plan, output.path)
+        output.mark_complete()
+        report.seconds = time.perf_counter() - started
+        return report
+    finally:
+        source.close()
+
+
+def _read_config(source: Source) -> dict:
+    if "config.json" not in source.files:
+        raise ConvertError("config.json is missing", where=source.description,
+                           fix="Point at a Hugging Face checkpoint (folder or repo) that has config.json")
+    config = source.read_json("config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise ConvertError("config.json has no model_type", where=f"{source.description}/config.json",
+                           fix="Fix config.json (it must be a transformers model config)")
+    return config
+
+
+def _choose_backend(name: str | None, *, exact: bool, threads: int | None) -> tuple[Backend, str]:
+    try:  # TEMP until selfcheck lands
+        from .kernels import selfcheck
+    except ImportError:
+        selfcheck = None
+
+    if threads:
+        torch.set_num_threads(threads)
+        from . import kernels
+
+        for b in kernels.backends().values():
+            setter = getattr(b, "set_threads", None)
+            if setter:
+                setter(threads)
+    try:
+        if selfcheck is None:
+            from .kernels import select_backend
+            return select_backend(name)
+        return selfcheck.select_proven_backend(name, exact=exact)
+    except (KeyError, RuntimeError) as exc:
+        raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
+
+
+def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool, shard_size: int) -> str:
+    import hashlib
+    import json
+
+    doc = {
+        "tool": __version__,
+        "source": source.fingerprint(),
+        "recipe": recipe.summary(),
+        "weight_only": weight_only,
+        "max_shard_size": shard_size,
+        "numerics": "exact" if backend.exact else backend.name,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *, progress: bool) -> None:
+    todo = []
+    for shard in plan.shards:
+        if output.finished(shard.filename):
+            report.skipped_shards.append(shard.filename)
+        else:
+            todo.append(shard)
+    # source shards in the order they are first needed, and the last output shard needing each
+    need_order: list[str] = []
+    last_use: dict[str, int] = {}
+    for i, shard in enumerate(todo):
+        for s in sorted(shard.sources, key=plan.source_shards.index):
+            if s not in last_use:
+                need_order.append(s)
+            last_use[s] = i
+    total = sum(sum(plan.tensors[t].info.nbytes for t in _unit_tensors(u)) for s in todo for u in s.units)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, dynamic_ncols=True)
+    acquired: dict[str, Path] = {}
+    try:
+        for i, shard in enumerate(todo):
+            for s in sorted(shard.sources, key=need_order.index):
+                if s not in acquired:
+                    acquired[s] = source.acquire(s)
+            upcoming = next((s for s in need_order if s not in acquired and last_use[s] > i), None)
+            if upcoming:
+                source.prefetch(upcoming)
+            writer = ShardWriter(output.path / shard.filename, shard.tensors)
+            try:
+                for unit in shard.units:
+                    _process_unit(unit, plan, acquired, writer, backend)
+                    bar.update(sum(plan.tensors[t].info.nbytes for t in _unit_tensors(unit)))
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            output.record(shard.filename)
+            for s in [s for s in acquired if last_use[s] <= i]:
+                source.release(s)
+                del acquired[s]
+    finally:
+        bar.close()
+
+
+def _unit_tensors(unit: Unit) -> list[str]:
+    return [unit.kept] if unit.kept else [f"{m}.weight" for m in unit.modules]
+
+
+def _row_chunks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def _read_ahead(items: Iterator, load: Callable, depth: int = 2) -> Iterator:
+    """Yield ``(item, load(item))`` while a thread loads the next ones (I/O overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def worker():
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((item, load(item), None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((None, None, exc))
+            return
+        q.put(None)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while (entry := q.get()) is not None:
+            item, value, exc = entry
+            if exc is not None:
+                raise exc
+            yield item, value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
+
+
+def _process_unit(unit: Unit, plan: Plan, paths: dict[str, Path], writer: ShardWriter, backend: Backend) -> None:
+    headers = plan.headers
+    if unit.kept:
+        t = plan.tensors[unit.kept]
+        for start in range(0, t.info.nbytes, CHUNK_BYTES):
+            stop = min(t.info.nbytes, start + CHUNK_BYTES)
+            writer.write(unit.kept, read_tensor_bytes(paths[t.shard], headers[t.shard], unit.kept, start, stop), at=start)
+        return
+    weights = [plan.quantized[m] for m in unit.modules]
+
+    def chunks(t):
+        rows, k = t.info.shape
+        return _read_ahead(_row_chunks(rows, t.info.nbytes // max(rows, 1)),
+                           lambda r: read_rows(paths[t.shard], headers[t.shard], t.name, *r))
+
+    group_amax = torch.tensor(0.0)
+    for t in weights:
+        amax = torch.tensor(0.0)
+        for _, w in chunks(t):
+            amax = torch.maximum(amax, backend.amax(w))
+        if not torch.isfinite(amax):
+            raise ConvertError(f"tensor {t.name} contains NaN or Inf", where=f"{t.shard}",
+                               fix="Fix the source weights, or --exclude this module to keep it unquantized")
+        group_amax = torch.maximum(group_amax, amax)
+    ws2 = global_scale(group_amax)
+    for module, t in zip(unit.modules, weights):
+        k = t.info.shape[1]
+        for (start, _), w in chunks(t):
+            packed, scales = backend.quantize(w, ws2)
+            writer.write(f"{module}.weight", packed, at=start * (k // 2))
+            writer.write(f"{module}.weight_scale", scales, at=start * (k // 16))
+        writer.write(f"{module}.weight_scale_2", ws2.reshape(()))
+        if not plan.weight_only:
+            writer.write(f"{module}.input_scale", torch.tensor(1.0, dtype=torch.float32))
+
+
+def _write_other_files(source: Source, out: Path) -> None:
+    for name in source.files:
+        if name in _REWRITTEN or name.endswith(_NOT_COPIED_SUFFIXES) or name.startswith(STATE_DIR):
+            continue
+        copy_atomic(source.fetch_file(name), out / name)
+
+
+def _write_final_files(config: dict, plan: Plan, out: Path) -> None:
+    weight_map = {t.name: shard.filename for shard in plan.shards for t in shard.tensors}
+    total = sum(t.nbytes for shard in plan.shards for t in shard.tensors)
+    write_json_atomic(out / SAFETENSORS_INDEX, safetensors_index(weight_map=weight_map, total_size=total))
+    write_json_atomic(out / "hf_quant_config.json",
+                      hf_quant_config(exclude_modules=plan.exclude_modules, weight_only=plan.weight_only), indent=4)
+    write_json_atomic(out / "config.json",
+                      quantized_model_config(config, exclude_modules=plan.exclude_modules, weight_only=plan.weight_only))

@@ -1,0 +1,125 @@
+"""The output folder: atomic writes, the resume record, and refusing to mix two conversions.
+
+A conversion records, in ``.nvfp4-convert/state.json``, what it is (a fingerprint of source, options
+and tool version) and the sha256 of every shard it finished. Re-running the same command skips those
+shards; config files come last, so a folder without ``config.json`` is never a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .errors import ConvertError
+
+STATE_DIR = ".nvfp4-convert"
+FINAL_FILES = ("config.json", "hf_quant_config.json", "model.safetensors.index.json")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 1024 * 1024):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConvertError(f"cannot write: {exc.strerror}", where=str(path),
+                           fix="Free disk space or fix permissions, then re-run to resume") from None
+
+
+def write_json_atomic(path: Path, doc: dict, *, indent: int = 2) -> None:
+    write_bytes_atomic(path, (json.dumps(doc, indent=indent) + "\n").encode())
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    partial = dst.with_name(dst.name + ".partial")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, partial)
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, dst)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConvertError(f"cannot write: {exc.strerror}", where=str(dst),
+                           fix="Free disk space or fix permissions, then re-run to resume") from None
+
+
+class OutputDir:
+    """The folder a conversion writes into, with its resume record."""
+
+    def __init__(self, path: Path, *, fingerprint: str, overwrite: bool = False):
+        self.path = Path(path)
+        self.state_path = self.path / STATE_DIR / "state.json"
+        self.fingerprint = fingerprint
+        self.state = {"fingerprint": fingerprint, "shards": {}, "complete": False}
+        self._prepare(overwrite)
+
+    def _prepare(self, overwrite: bool) -> None:
+        if self.path.exists() and not self.path.is_dir():
+            raise ConvertError("output path is a file", where=str(self.path), fix="Choose a folder")
+        existing = [p for p in self.path.iterdir() if p.name != STATE_DIR] if self.path.is_dir() else []
+        previous = self._read_state()
+        if previous is not None and previous.get("fingerprint") == self.fingerprint:
+            self.state["shards"] = dict(previous.get("shards", {}))
+        elif existing or previous is not None:
+            if not overwrite:
+                what = "another conversion" if previous is not None else "files from something else"
+                raise ConvertError(f"the output folder holds {what}", where=str(self.path),
+                                   fix="Use another folder, or pass --overwrite to replace it")
+            self._clear()
+        for stale in self.path.glob("**/*.partial") if self.path.is_dir() else []:
+            stale.unlink()
+        (self.path / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        self._save()
+
+    def _read_state(self) -> dict | None:
+        try:
+            return json.loads(self.state_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            return {"fingerprint": None}
+
+    def _clear(self) -> None:
+        for p in self.path.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _save(self) -> None:
+        write_json_atomic(self.state_path, self.state)
+
+    def finished(self, filename: str, *, verify: bool = True) -> bool:
+        """Whether ``filename`` was finished by this conversion and is still intact on disk."""
+        expected = self.state["shards"].get(filename)
+        path = self.path / filename
+        if expected is None or not path.is_file():
+            return False
+        if verify and sha256_file(path) != expected:
+            del self.state["shards"][filename]
+            self._save()
+            return False
+        return True
+
+    def record(self, filename: str) -> None:
+        """Remember that ``filename`` is complete (by its sha256)."""
+        self.state["shards"][filename] = sha256_file(self.path / filename)
+        self._save()
+
+    def mark_complete(self) -> None:
+        self.state["complete"] = True
+        self._save()

@@ -1,0 +1,283 @@
+"""Planning from headers only: what each tensor becomes, fusion groups, and the output layout.
+
+No tensor data is read here. The plan is deterministic for a given source and options, which is what
+makes an interrupted conversion resumable to byte-identical output.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .errors import ConvertError
+from .recipes import Recipe
+from .safetensors_io import FLOAT_DTYPES, OutTensor
+from .sources.base import ShardHeader, TensorInfo
+
+BLOCK = 16
+_QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
+                       ".qweight", ".qzeros", ".scales", ".weight_global_scale", ".SCB")
+_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>[^.]+)$")
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """A tensor of the source checkpoint and the shard holding it."""
+
+    shard: str
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Work done in one go and written to one output shard: a fusion group, or one kept tensor."""
+
+    modules: tuple[str, ...] = ()  # quantized modules sharing one weight_scale_2 / input_scale
+    kept: str | None = None  # a tensor copied byte for byte
+    outputs: tuple[OutTensor, ...] = ()
+    sources: frozenset[str] = frozenset()  # source shards it reads
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
+
+
+@dataclass
+class OutputShard:
+    filename: str
+    units: list[Unit] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[OutTensor]:
+        return [t for u in self.units for t in u.outputs]
+
+    @property
+    def sources(self) -> set[str]:
+        return set().union(*(u.sources for u in self.units)) if self.units else set()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(u.nbytes for u in self.units)
+
+
+@dataclass
+class Plan:
+    """Everything the converter will do, decided before any tensor data is read."""
+
+    tensors: dict[str, SourceTensor]
+    quantized: dict[str, SourceTensor]  # module -> its weight
+    groups: list[tuple[str, ...]]
+    exclude_modules: list[str]
+    shards: list[OutputShard]
+    source_shards: list[str]
+    weight_only: bool
+    warnings: list[str]
+    kept_reasons: dict[str, str]  # module -> why it stays high precision
+    headers: dict[str, ShardHeader]
+
+    @property
+    def bytes_in(self) -> int:
+        return sum(t.info.nbytes for t in self.tensors.values())
+
+    @property
+    def bytes_out(self) -> int:
+        return sum(s.nbytes for s in self.shards)
+
+
+def _module(name: str) -> str | None:
+    return name[: -len(".weight")] if name.endswith(".weight") else None
+
+
+def _outputs(module: str, info: TensorInfo, weight_only: bool) -> tuple[OutTensor, ...]:
+    n, k = info.shape
+    outs = [
+        OutTensor(f"{module}.weight", "U8", (n, k // 2)),
+        OutTensor(f"{module}.weight_scale", "F8_E4M3", (n, k // BLOCK)),
+        OutTensor(f"{module}.weight_scale_2", "F32", ()),
+    ]
+    if not weight_only:
+        outs.append(OutTensor(f"{module}.input_scale", "F32", ()))
+    return tuple(outs)
+
+
+def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *, where: str) -> dict[str, SourceTensor]:
+    """Every source tensor in streaming order (shard, then position), checked against the index."""
+    tensors: dict[str, SourceTensor] = {}
+    for shard in sorted(headers):
+        for info in sorted(headers[shard].tensors.values(), key=lambda t: t.data_offsets):
+            if info.name in tensors:
+                raise ConvertError(f"duplicate tensor name {info.name!r} in {tensors[info.name].shard} and {shard}",
+                                   where=where, fix="Re-export the checkpoint; each tensor must appear once")
+            tensors[info.name] = SourceTensor(shard, info)
+    for name, shard in (weight_map or {}).items():
+        if name not in tensors or tensors[name].shard != shard:
+            raise ConvertError(f"the index puts {name!r} in {shard}, but that shard does not hold it",
+                               where=f"{where}/model.safetensors.index.json", fix="Re-export or re-download the checkpoint")
+    return tensors
+
+
+def check_not_quantized(config: dict, tensors: dict[str, SourceTensor], *, where: str) -> None:
+    """Refuse sources that are already quantized (FP8, GPTQ, NVFP4, ...)."""
+    qc = config.get("quantization_config")
+    if qc:
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        raise ConvertError(f"the source is already quantized (quant_method={method})", where=f"{where}/config.json",
+                           fix="Convert from the BF16/FP16 checkpoint instead")
+    for name, t in tensors.items():
+        if name.endswith(_QUANTIZED_SUFFIXES) or (name.endswith(".weight") and t.info.dtype.startswith("F8")):
+            raise ConvertError(f"the source is already quantized (tensor {name!r}, {t.info.dtype})", where=where,
+                               fix="Convert from the BF16/FP16 checkpoint instead")
+
+
+def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, recipe: Recipe,
+               weight_only: bool = False, max_shard_size: int = 5 * 10**9, where: str = "source") -> Plan:
+    """Classify every tensor, form fusion groups and lay out the output shards.
+
+    Args:
+        config: the source ``config.json``.
+        headers: every source shard's header.
+        weight_map: the index's tensor -> shard map, if any.
+        recipe: what to quantize, exclude and fuse.
+        weight_only: W4A16 (no ``input_scale``) instead of W4A4.
+        max_shard_size: output shard size limit in bytes (a single larger unit gets a shard of its own).
+        where: the source's description, for messages.
+    """
+    tensors = collect_tensors(headers, weight_map, where=where)
+    check_not_quantized(config, tensors, where=where)
+    warnings: list[str] = []
+    kept_reasons: dict[str, str] = {}
+
+    linear_like = {m: t for n, t in tensors.items() if (m := _module(n)) and len(t.info.shape) >= 2}
+    candidates: dict[str, SourceTensor] = {}
+    for module, t in linear_like.items():
+        if not recipe.matches("quantize", module) or recipe.matches("exclude", module):
+            kept_reasons[module] = "excluded by recipe"
+        elif len(t.info.shape) != 2 or t.info.dtype not in FLOAT_DTYPES:
+            kept_reasons[module] = f"not a 2-D float weight ({t.info.dtype}{list(t.info.shape)})"
+        elif t.info.shape[1] % BLOCK:
+            kept_reasons[module] = f"in_features {t.info.shape[1]} is not a multiple of 16"
+            warnings.append(f"{module}: in_features {t.info.shape[1]} is not a multiple of 16; kept in {t.info.dtype}")
+        else:
+            candidates[module] = t
+
+    groups = _fusion_groups(linear_like, recipe)
+    for group in groups:  # a fused group is quantized whole or not at all
+        kept = [m for m in group if m not in candidates]
+        if kept and len(kept) < len(group):
+            warnings.append(f"{', '.join(group)} share an input; {kept[0]} stays high precision, so all of them do")
+            for m in group:
+                if candidates.pop(m, None) is not None:
+                    kept_reasons[m] = f"fused with {kept[0]}, which is kept"
+    _keep_experts_together(linear_like, candidates, kept_reasons, warnings)
+
+    quantized = dict(candidates)
+    position = {_module(n): i for i, n in enumerate(tensors) if n.endswith(".weight")}
+    group_of = {m: tuple(sorted(g, key=position.__getitem__)) for g in groups for m in g}
+    quant_groups: list[tuple[str, ...]] = []
+    units: list[Unit] = []
+    emitted: set[str] = set()
+    for name, t in tensors.items():
+        module = _module(name)
+        if module in quantized:
+            if module in emitted:
+                continue
+            members = tuple(m for m in group_of.get(module, (module,)) if m in quantized)
+            emitted.update(members)
+            quant_groups.append(members)
+            outs = tuple(o for m in members for o in _outputs(m, quantized[m].info, weight_only))
+            units.append(Unit(modules=members, outputs=outs, sources=frozenset(quantized[m].shard for m in members)))
+        else:
+            units.append(Unit(kept=name, outputs=(OutTensor(name, t.info.dtype, t.info.shape),),
+                              sources=frozenset({t.shard})))
+
+    exclude = _exclude_modules(config, tensors, linear_like, quantized, groups, recipe)
+    for entry in exclude:
+        clash = next((m for m in _engine_names(quantized, groups, recipe) if "*" not in entry and entry in m), None)
+        if clash:
+            warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
+    return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
+                shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
+                weight_only=weight_only, warnings=warnings, kept_reasons=kept_reasons, headers=headers)
+
+
+def _fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[tuple[str, ...]]:
+    """Union of the recipe's sibling sets that exist in the checkpoint (a module may sit in two rules)."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    for module in linear_like:
+        head, _, leaf = module.rpartition(".")
+        for rule in recipe.fuse:
+            if leaf in rule.members:
+                siblings = [f"{head}.{m}" if head else m for m in rule.members]
+                present = [s for s in siblings if s in linear_like]
+                for s in present:
+                    parent[find(s)] = find(module)
+    clusters: dict[str, list[str]] = {}
+    for m in parent:
+        clusters.setdefault(find(m), []).append(m)
+    return [tuple(sorted(c)) for c in clusters.values() if len(c) > 1]
+
+
+def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> None:
+    """MoE engines load all experts of a layer in one format: keep them all if any is kept."""
+    by_layer: dict[tuple[str, str], list[str]] = {}
+    for module in linear_like:
+        if m := _EXPERT.match(module):
+            by_layer.setdefault((m["layer"], m["leaf"]), []).append(module)
+    for (layer, leaf), experts in sorted(by_layer.items()):
+        kept = [e for e in experts if e not in candidates]
+        if kept and len(kept) < len(experts):
+            warnings.append(f"{layer}.*.{leaf}: {kept[0]} stays high precision, so every expert of the layer does")
+            for e in experts:
+                if candidates.pop(e, None) is not None:
+                    kept_reasons[e] = f"expert sibling {kept[0]} is kept"
+
+
+def _engine_names(quantized: dict, groups: list[tuple[str, ...]], recipe: Recipe) -> list[str]:
+    """Quantized module names as serving engines see them (fused aliases included)."""
+    names = list(quantized)
+    aliases = {frozenset(r.members): r.alias for r in recipe.fuse if r.alias}
+    for group in groups:
+        head = group[0].rpartition(".")[0]
+        for members, alias in aliases.items():
+            if {m.rpartition(".")[2] for m in group} <= members and all(m in quantized for m in group):
+                names.append(f"{head}.{alias}")
+    return names
+
+
+def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe) -> list[str]:
+    """``exclude_modules``: exact names of every unquantized Linear-like module (never bare prefixes)."""
+    names = {m for m in linear_like if m not in quantized}
+    if "lm_head.weight" not in tensors:
+        names.add("lm_head")  # a tied head has no tensor of its own; ModelOpt lists it all the same
+    for group in groups:
+        if not any(m in quantized for m in group):
+            head = group[0].rpartition(".")[0]
+            leaves = {m.rpartition(".")[2] for m in group}
+            for rule in recipe.fuse:
+                if rule.alias and leaves <= set(rule.members):
+                    names.add(f"{head}.{rule.alias}")
+    return sorted(names)
+
+
+def _layout_shards(units: list[Unit], max_shard_size: int) -> list[OutputShard]:
+    shards: list[OutputShard] = [OutputShard("")]
+    for unit in units:
+        current = shards[-1]
+        if current.units and current.nbytes + unit.nbytes > max_shard_size:
+            current = OutputShard("")
+            shards.append(current)
+        current.units.append(unit)
+    total = len(shards)
+    for i, shard in enumerate(shards, 1):
+        shard.filename = f"model-{i:05d}-of-{total:05d}.safetensors"
+    return shards

@@ -1,0 +1,143 @@
+"""Recipes: per-architecture data saying what to quantize, what to keep, and what to fuse.
+
+Recipes are TOML files in the ``recipes/`` folder (shipped inside the package when installed). The
+one whose ``model_types`` lists the checkpoint's ``config.json`` ``model_type`` is used, else
+``default``; ``--recipe FILE`` replaces that choice and ``--exclude`` patterns are added to it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConvertError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class FuseRule:
+    """Sibling modules (same parent) that read one input and so share their global scales."""
+
+    members: tuple[str, ...]
+    alias: str | None = None
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize (fnmatch patterns over module names), what to exclude, and what to fuse."""
+
+    name: str
+    quantize: tuple[str, ...]
+    exclude: tuple[str, ...]
+    fuse: tuple[FuseRule, ...]
+    description: str = ""
+    model_types: tuple[str, ...] = ()
+    source: str = ""
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def matches(self, kind: str, module: str) -> bool:
+        """Whether ``module`` matches one of the ``kind`` ("quantize" or "exclude") patterns."""
+        regex = self._compiled.get(kind)
+        if regex is None:
+            patterns = getattr(self, kind)
+            regex = re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)")
+            self._compiled[kind] = regex
+        return regex.match(module) is not None
+
+    def with_excludes(self, patterns: list[str]) -> Recipe:
+        return Recipe(self.name, self.quantize, self.exclude + tuple(patterns), self.fuse, self.description,
+                      self.model_types, self.source)
+
+    def summary(self) -> dict:
+        """A plain-data view (for fingerprints, reports and model cards)."""
+        return {
+            "name": self.name,
+            "quantize": list(self.quantize),
+            "exclude": list(self.exclude),
+            "fuse": [{"members": list(r.members), "alias": r.alias} for r in self.fuse],
+        }
+
+
+def recipes_dir() -> Path:
+    """Where the shipped recipes live: inside the package when installed, the repo root otherwise."""
+    packaged = Path(__file__).with_name("recipes")
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _load_raw(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConvertError("recipe file not found", where=str(path), fix="Give an existing .toml recipe") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"invalid recipe ({exc})", where=str(path), fix="Fix the TOML syntax") from None
+
+
+def _resolve(path: Path, config: dict, seen: tuple[str, ...] = ()) -> Recipe:
+    raw = _load_raw(path)
+    where = str(path)
+    unknown = set(raw) - {"name", "description", "model_types", "extends", "quantize", "exclude", "fuse"}
+    if unknown:
+        raise ConvertError(f"unknown recipe keys {sorted(unknown)}", where=where,
+                           fix="Allowed: name, description, model_types, extends, quantize, exclude, fuse")
+    base = None
+    if raw.get("extends"):
+        parent = recipes_dir() / f"{raw['extends']}.toml"
+        if str(parent) in seen:
+            raise ConvertError("recipe extends itself", where=where, fix="Remove the cycle")
+        base = _resolve(parent, config, seen + (where,))
+
+    def patterns(key: str) -> tuple[str, ...]:
+        values = raw.get(key, [])
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ConvertError(f"recipe key {key!r} must be a list of strings", where=where, fix="Fix the recipe")
+        try:
+            return tuple(v.format(**config) for v in values)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConvertError(f"recipe pattern needs config value {exc}", where=where,
+                               fix="Use only {keys} present in config.json") from None
+
+    fuse = []
+    for rule in raw.get("fuse", []):
+        if not isinstance(rule, dict) or not isinstance(rule.get("members"), list) or len(rule["members"]) < 2:
+            raise ConvertError("each [[fuse]] needs members = [two or more names]", where=where, fix="Fix the recipe")
+        fuse.append(FuseRule(tuple(rule["members"]), rule.get("alias")))
+    quantize = patterns("quantize") if "quantize" in raw else (base.quantize if base else ())
+    return Recipe(
+        name=raw.get("name", path.stem),
+        quantize=quantize,
+        exclude=(base.exclude if base else ()) + patterns("exclude"),
+        fuse=(base.fuse if base else ()) + tuple(fuse),
+        description=raw.get("description", ""),
+        model_types=tuple(raw.get("model_types", [])),
+        source=where,
+    )
+
+
+def load_recipe(*, config: dict, recipe_file: Path | None = None, extra_excludes: list[str] | None = None) -> Recipe:
+    """The recipe for a checkpoint whose ``config.json`` is ``config``.
+
+    Args:
+        config: the parsed ``config.json`` (its ``model_type`` picks the recipe; its values fill
+            ``{placeholders}`` in patterns).
+        recipe_file: a TOML file replacing the automatic choice (``--recipe``).
+        extra_excludes: patterns added to the exclusions (``--exclude``).
+    """
+    if recipe_file is not None:
+        recipe = _resolve(Path(recipe_file), config)
+    else:
+        model_type = config.get("model_type")
+        chosen = recipes_dir() / "default.toml"
+        for path in sorted(recipes_dir().glob("*.toml")):
+            if model_type in _load_raw(path).get("model_types", []):
+                chosen = path
+                break
+        recipe = _resolve(chosen, config)
+    return recipe.with_excludes(list(extra_excludes or []))

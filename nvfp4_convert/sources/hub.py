@@ -1,0 +1,307 @@
+"""A checkpoint in a Hugging Face Hub repo, streamed one shard at a time into a scratch folder."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import struct
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub.utils import httpx
+from huggingface_hub.utils.sha import sha_fileobj
+from tqdm.auto import tqdm
+
+from ..errors import ConvertError
+from ..safetensors_io import _MAX_HEADER, parse_header, read_header
+from .base import ShardHeader, check_relative, weight_shards
+
+_HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
+_METADATA_DIR = "metadata"  # subfolder of work_dir for small non-weight files
+_TOKEN_FIX = "Accept the model's terms on its Hub page if it is gated, then pass --token or set HF_TOKEN"
+
+
+class _Stopped(Exception):
+    """Raised inside a background download to abort it when the source is closed."""
+
+
+class _QuietBar:
+    """A stand-in for huggingface_hub's per-file progress bars that shows nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n=1):
+        pass
+
+    def update_transfer(self, n=1):  # xet also reports wire bytes; only file bytes are counted
+        pass
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    set_transfer_postfix_str = set_postfix_str
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+class HubSource:
+    """A Hub repo pinned to one commit; shards are downloaded into ``work_dir`` on demand and deleted on release.
+
+    At most one download runs at a time: the shard being acquired or the one prefetched ahead, so the
+    disk holds the shards currently acquired plus at most one more.
+    """
+
+    def __init__(self, repo_id: str, *, revision: str | None = None, token: str | None = None,
+                 endpoint: str | None = None, work_dir: Path | None = None, keep_source: bool = False):
+        self.repo_id = repo_id
+        self.keep_source = keep_source
+        self._api = HfApi(endpoint=endpoint, token=token)
+        self._requested_revision = revision
+        self.description = repo_id
+        with self._hub_errors():
+            info = self._api.model_info(repo_id, revision=revision, files_metadata=True)
+        self.revision: str = info.sha
+        self.description = f"{repo_id}@{self.revision[:12]}"
+        self._siblings = {s.rfilename: s for s in info.siblings or []}
+        self._files = sorted(self._siblings)
+
+        self._temp = work_dir is None
+        self.work_dir = Path(tempfile.mkdtemp(prefix="nvfp4-hub-") if work_dir is None else work_dir).resolve()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-download")
+        self._pending: dict[str, Future[Path]] = {}  # submitted, not acquired yet
+        self._held: dict[str, Path] = {}  # acquired, not released yet
+        self._stop = threading.Event()
+        self._bar: tqdm | None = None
+        self._headers: dict[str, ShardHeader] | None = None
+        self.shards, self.weight_map = weight_shards(self._files, self.read_json, where=self.description)
+
+    def __repr__(self) -> str:
+        return f"HubSource({self.description!r})"
+
+    @property
+    def files(self) -> list[str]:
+        return list(self._files)
+
+    # -- small files and headers ---------------------------------------------------------------
+
+    def fetch_file(self, filename: str) -> Path:
+        """Download a small file into the metadata subfolder of ``work_dir`` and return its path."""
+        check_relative(filename, where=self.description)
+        if filename not in self._siblings:
+            raise ConvertError(f"{filename} is missing", where=self.description,
+                               fix="A Hugging Face checkpoint repo needs config.json")
+        with self._hub_errors(filename):
+            return Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
+                                                  local_dir=self.work_dir / _METADATA_DIR, tqdm_class=_QuietBar))
+
+    def read_json(self, filename: str) -> dict:
+        path = self.fetch_file(filename)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ConvertError(f"{filename} is not valid JSON ({exc})", where=self.description,
+                               fix="Fix the file in the repo or pick another revision") from None
+
+    def headers(self) -> dict[str, ShardHeader]:
+        """Every shard's header, read with HTTP range requests (no tensor data is downloaded)."""
+        if self._headers is None:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                self._headers = dict(zip(self.shards, pool.map(self._remote_header, self.shards)))
+        return self._headers
+
+    def _remote_header(self, filename: str) -> ShardHeader:
+        size = self._siblings[filename].size or 0
+        url = hf_hub_url(self.repo_id, filename, revision=self.revision, endpoint=self._api.endpoint)
+        with self._hub_errors(filename):
+            head = self._read_range(url, 0, min(size, _HEADER_PROBE))
+            if len(head) < 8:
+                raise ConvertError("truncated shard: shorter than 8 bytes", where=filename,
+                                   fix="Re-upload or re-export this shard")
+            (length,) = struct.unpack("<Q", head[:8])
+            if length > _MAX_HEADER or 8 + length > size:
+                raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {size}-byte file",
+                                   where=filename, fix="Re-upload or re-export this shard")
+            if 8 + length > len(head):
+                head += self._read_range(url, len(head), 8 + length - len(head))
+        return parse_header(head[8:8 + length], filename=filename, file_size=size)
+
+    def _read_range(self, url: str, start: int, length: int) -> bytes:
+        """``length`` bytes of ``url`` from ``start``; streams, so a server ignoring ``Range`` costs no more."""
+        headers = {**build_hf_headers(token=self._api.token), "Range": f"bytes={start}-{start + length - 1}"}
+        buf = bytearray()
+        with get_session().stream("GET", url, headers=headers, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+            if r.status_code >= 400:
+                r.read()
+            hf_raise_for_status(r)
+            skip = start if r.status_code == 200 else 0
+            for chunk in r.iter_bytes():
+                buf += chunk
+                if len(buf) >= skip + length:
+                    break
+        return bytes(buf[skip:skip + length])
+
+    # -- shards ----------------------------------------------------------------------------------
+
+    def prefetch(self, filename: str) -> None:
+        """Start downloading ``filename`` in the background; ignored while another prefetch is pending."""
+        self._check_shard(filename)
+        if filename in self._held or filename in self._pending or self._pending:
+            return
+        self.headers()  # plan first, on this thread, so the worker only compares
+        self._pending[filename] = self._pool.submit(self._download, filename)
+
+    def acquire(self, filename: str) -> Path:
+        """Download (or wait for the prefetch of) ``filename``, check its sha256 and header, return its path."""
+        self._check_shard(filename)
+        if filename in self._held:
+            return self._held[filename]
+        self.headers()
+        future = self._pending.pop(filename, None) or self._pool.submit(self._download, filename)
+        self._held[filename] = path = future.result()
+        return path
+
+    def release(self, filename: str) -> None:
+        """Done with ``filename``: delete the downloaded copy unless ``keep_source``."""
+        self._held.pop(filename, None)
+        future = self._pending.pop(filename, None)
+        if future is not None and not future.cancel():
+            try:
+                future.result()
+            except (ConvertError, _Stopped):
+                pass
+        if not self.keep_source:
+            self._delete(filename)
+
+    def _check_shard(self, filename: str) -> None:
+        if filename not in self.shards:
+            raise ValueError(f"{filename!r} is not a weight shard of {self.description}")
+
+    def _download(self, filename: str) -> Path:
+        """Runs on the download thread: fetch ``filename`` into work_dir and verify it."""
+        with self._hub_errors(filename):
+            path = Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
+                                                  local_dir=self.work_dir, tqdm_class=self._bar_class()))
+        try:
+            self._verify(filename, path)
+        except ConvertError:
+            self._delete(filename)
+            raise
+        return path
+
+    def _verify(self, filename: str, path: Path) -> None:
+        lfs = self._siblings[filename].lfs
+        if lfs is not None:  # weights are always LFS on the Hub; a plain git file has only a sha1 we skip
+            with open(path, "rb") as f:
+                actual = sha_fileobj(f).hex()
+            if actual != lfs.sha256:
+                raise ConvertError(f"sha256 mismatch: downloaded {actual[:16]}…, the Hub lists {lfs.sha256[:16]}…",
+                                   where=f"{self.description}/{filename}",
+                                   fix="Re-run to download it again; if it persists the repo's file is corrupt")
+        if read_header(path, filename=filename) != self.headers()[filename]:
+            raise ConvertError("downloaded shard's header differs from the one read before the download",
+                               where=f"{self.description}/{filename}", fix="Re-run the conversion")
+
+    def _delete(self, filename: str) -> None:
+        (self.work_dir / filename).unlink(missing_ok=True)
+        meta = self.work_dir / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
+        meta.unlink(missing_ok=True)
+        meta.with_suffix(".lock").unlink(missing_ok=True)
+
+    def _bar_class(self) -> type:
+        """A ``tqdm_class`` for huggingface_hub that feeds one aggregate bar instead of a bar per file."""
+        if self._bar is None:
+            total = sum(self._siblings[s].size or 0 for s in self.shards)
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"download {self.repo_id}",
+                             disable=True if are_progress_bars_disabled() else None)
+        bar, stop = self._bar, self._stop
+
+        class Forward(_QuietBar):
+            def __init__(self, *args, initial=0, **kwargs):
+                if initial:  # bytes resumed from an earlier partial download
+                    bar.update(initial)
+
+            def update(self, n=1):
+                if stop.is_set():
+                    raise _Stopped
+                bar.update(n)
+
+        return Forward
+
+    def fingerprint(self) -> str:
+        return f"hub:{self.repo_id}@{self.revision}"
+
+    def close(self) -> None:
+        """Abort background downloads, delete shards not kept, and the scratch folder if it was a temp one."""
+        self._stop.set()
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        if not self.keep_source:
+            for filename in [*self._pending, *self._held]:
+                self._delete(filename)
+        self._pending.clear()
+        self._held.clear()
+        if self._bar is not None:
+            self._bar.close()
+        if self._temp:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    # -- errors ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _hub_errors(self, filename: str | None = None):
+        """Turn huggingface_hub/network/disk errors into one-line ConvertErrors (never echoing the token)."""
+        where = f"{self.description}/{filename}" if filename else self.description
+        try:
+            yield
+        except GatedRepoError:  # before RepositoryNotFoundError, its base class
+            raise ConvertError("gated repo: access needs an accepted license and a token", where=self.repo_id,
+                               fix=_TOKEN_FIX) from None
+        except RepositoryNotFoundError:
+            raise ConvertError("repo not found, or private and no valid token given", where=self.repo_id,
+                               fix="Check the repo id; for a private repo pass --token or set HF_TOKEN") from None
+        except RevisionNotFoundError:
+            raise ConvertError(f"revision {self._requested_revision!r} not found", where=self.repo_id,
+                               fix="Use a branch, tag or commit sha that exists in the repo") from None
+        except OfflineModeIsEnabled:
+            raise ConvertError("HF_HUB_OFFLINE is set, so the Hub cannot be read", where=where,
+                               fix="Unset HF_HUB_OFFLINE, or convert from a local folder") from None
+        except (httpx.TransportError, LocalEntryNotFoundError) as exc:  # the latter: HEAD failed, nothing local
+            raise ConvertError(f"cannot reach the Hub ({type(exc).__name__})", where=self._api.endpoint,
+                               fix="Check the network connection or --endpoint, then re-run to resume") from None
+        except RemoteEntryNotFoundError:
+            raise ConvertError("file not found in the repo", where=where,
+                               fix="The repo may have changed; re-run to re-read it") from None
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            raise ConvertError(f"Hub request failed with HTTP {status}", where=where,
+                               fix="Retry later; check --endpoint and the token's permissions") from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ConvertError("disk full while downloading", where=str(self.work_dir),
+                                   fix="Free space or point --work-dir at a larger disk") from None
+            raise
