@@ -23,6 +23,18 @@ COMMANDS = {"convert", "bench"}
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
 
+def _command_line() -> str:
+    """This invocation as text, with any token value replaced (tokens are never recorded)."""
+    args, shown = sys.argv[1:], []
+    for i, arg in enumerate(args):
+        if i and args[i - 1] == "--token":
+            arg = "***"
+        elif arg.startswith("--token="):
+            arg = "--token=***"
+        shown.append(arg)
+    return " ".join(["nvfp4-convert", *shown])
+
+
 def _fail(exc: BaseException, debug: bool) -> None:
     if debug:
         raise exc
@@ -66,7 +78,7 @@ def convert(
             src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
             recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
             backend=backend, exact=exact, threads=threads, dry_run=dry_run, overwrite=overwrite, progress=progress,
-            log=lambda line: typer.echo(line, err=True),
+            command=_command_line(), log=lambda line: typer.echo(line, err=True),
         )
     except (ConvertError, KeyboardInterrupt, Exception) as exc:  # one line, not a traceback
         _fail(exc, debug)

@@ -90,6 +90,7 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Report:
     """Convert a Hugging Face checkpoint to a ModelOpt-format NVFP4 checkpoint.
@@ -112,6 +113,7 @@ def convert(
         dry_run: plan only; write nothing.
         overwrite: replace an output folder that holds something else.
         progress: show progress bars.
+        command: the command line that asked for this (recorded for the model card; must hold no token).
         log: where human-readable lines go.
 
     Returns:
@@ -142,11 +144,31 @@ def convert(
         _write_shards(source, plan, output, chosen, report, progress=progress)
         _write_other_files(source, output.path)
         _write_final_files(config, plan, output.path)
-        output.mark_complete()
         report.seconds = time.perf_counter() - started
+        output.mark_complete(conversion_info(report, source_revision=source.revision, command=command))
         return report
     finally:
         source.close()
+
+
+def conversion_info(report: Report, *, source_revision: str | None, command: str | None) -> dict:
+    """Plain-data facts about a finished conversion (kept with the output for model cards)."""
+    plan = report.plan
+    return {
+        "tool": f"nvfp4-convert {__version__}",
+        "source": report.source,
+        "source_revision": source_revision,
+        "command": command,
+        "recipe": report.recipe.summary(),
+        "quant_algo": report.quant_algo,
+        "activation_policy": report.activation_policy,
+        "backend": report.backend,
+        "quantized_modules": len(plan.quantized),
+        "kept_tensors": len(plan.tensors) - len(plan.quantized),
+        "exclude_modules": plan.exclude_modules,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": plan.bytes_out,
+    }
 
 
 def _read_config(source: Source) -> dict:

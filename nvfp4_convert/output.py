@@ -120,6 +120,17 @@ class OutputDir:
         self.state["shards"][filename] = sha256_file(self.path / filename)
         self._save()
 
-    def mark_complete(self) -> None:
+    def mark_complete(self, info: dict) -> None:
+        """Record that the conversion finished, with what it was (read back by ``push`` for the card)."""
         self.state["complete"] = True
+        self.state["info"] = info
         self._save()
+
+
+def read_conversion_info(path: Path) -> dict | None:
+    """What :meth:`OutputDir.mark_complete` recorded in ``path``, or None if it is not a finished conversion."""
+    try:
+        state = json.loads((Path(path) / STATE_DIR / "state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return state.get("info") if state.get("complete") else None
