@@ -1,0 +1,71 @@
+"""Independent checks of a converted checkpoint against its source, for tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from nvfp4_convert.kernels import reference
+from nvfp4_convert.kernels.common import global_scale
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                assert key not in tensors, f"{key} appears in two shards"
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def recompute_check(src: Path, out: Path, *, weight_only: bool = False) -> dict:
+    """Recompute every quantized tensor of ``out`` from ``src`` and compare bytes; kept tensors must be identical.
+
+    Groups are rebuilt from the written ``weight_scale_2`` values: modules sharing one must be exactly
+    the fused partners (q/k/v, gate/up, w1/w3) and their value must be max|W| over the group / 2688.
+    """
+    source, result = load_all(src), load_all(out)
+    config = json.loads((out / "config.json").read_text())
+    hf = json.loads((out / "hf_quant_config.json").read_text())
+    assert config["quantization_config"]["ignore"] == hf["quantization"]["exclude_modules"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(result)
+    for name, shard in index["weight_map"].items():
+        with safe_open(out / shard, "pt") as f:
+            assert name in f.keys()
+    quantized = sorted(k[: -len(".weight_scale")] for k in result if k.endswith(".weight_scale"))
+    partners = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu", "w1": "gu", "w3": "gu"}
+    groups: dict[tuple, list[str]] = {}
+    for m in quantized:
+        parent, _, leaf = m.rpartition(".")
+        groups.setdefault((parent, partners.get(leaf, leaf)), []).append(m)
+    for members in groups.values():
+        amax = max(source[f"{m}.weight"].abs().amax().float() for m in members)
+        ws2 = global_scale(amax)
+        for m in members:
+            packed, scales = reference.quantize(source[f"{m}.weight"], ws2)
+            assert torch.equal(result[f"{m}.weight"], packed), m
+            assert torch.equal(result[f"{m}.weight_scale"].view(torch.uint8), scales.view(torch.uint8)), m
+            assert result[f"{m}.weight_scale_2"].dtype == torch.float32 and result[f"{m}.weight_scale_2"].dim() == 0
+            assert raw_bytes(result[f"{m}.weight_scale_2"]) == raw_bytes(ws2), m
+            if weight_only:
+                assert f"{m}.input_scale" not in result
+            else:
+                assert result[f"{m}.input_scale"].dim() == 0 and result[f"{m}.input_scale"].item() == 1.0
+    produced = {f"{m}.{s}" for m in quantized for s in ("weight", "weight_scale", "weight_scale_2", "input_scale")}
+    for name, tensor in result.items():
+        if name not in produced:
+            assert name in source, f"{name} was invented"
+            assert source[name].dtype == tensor.dtype and raw_bytes(source[name]) == raw_bytes(tensor), name
+    for name in source:
+        module = name[: -len(".weight")]
+        assert name in result or module in quantized, f"{name} was dropped"
+    return {"quantized": quantized, "groups": [g for g in groups.values() if len(g) > 1]}

@@ -1,0 +1,163 @@
+"""End-to-end conversions of tiny random models, checked by recomputation from the source."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checks import load_all, recompute_check
+from nvfp4_convert import ConvertError, convert
+from nvfp4_convert.output import STATE_DIR
+
+FUSED = {
+    "llama": [("model.layers.0.self_attn", ("q_proj", "k_proj", "v_proj")), ("model.layers.1.mlp", ("gate_proj", "up_proj"))],
+    "qwen2_moe": [("model.layers.0.mlp.experts.3", ("gate_proj", "up_proj")), ("model.layers.1.mlp.shared_expert", ("gate_proj", "up_proj"))],
+    "qwen3_moe": [("model.layers.1.mlp.experts.0", ("gate_proj", "up_proj"))],
+    "mixtral": [("model.layers.1.block_sparse_moe.experts.2", ("w1", "w3"))],
+    "deepseek_v3": [("model.layers.0.mlp", ("gate_proj", "up_proj")), ("model.layers.2.mlp.experts.1", ("gate_proj", "up_proj"))],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FUSED))
+def test_every_tensor_recomputes_from_source(kind, tiny, tmp_path):
+    src = tiny(kind)
+    report = convert(str(src), tmp_path / "out", max_shard_size="30KB", progress=False)
+    result = recompute_check(src, tmp_path / "out")
+    groups = {tuple(sorted(g)) for g in result["groups"]}
+    for parent, leaves in FUSED[kind]:
+        assert tuple(sorted(f"{parent}.{leaf}" for leaf in leaves)) in groups
+    assert len(report.plan.shards) > 1
+    # fused groups straddle source shards in these fixtures: the streaming must still fuse them
+    weight_map = json.loads((src / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(len({weight_map[f"{m}.weight"] for m in g}) > 1 for g in result["groups"])
+
+
+def test_layout_dtypes_and_configs(tiny, tmp_path):
+    out = tmp_path / "out"
+    convert(str(tiny("llama")), out, progress=False)
+    tensors = load_all(out)
+    w = tensors["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.uint8 and tuple(w.shape) == (64, 64)
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale"].dtype == torch.float8_e4m3fn
+    assert tuple(tensors["model.layers.0.mlp.down_proj.weight_scale"].shape) == (64, 8)
+    assert tensors["model.layers.0.mlp.down_proj.weight_scale_2"].shape == ()
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    hf = json.loads((out / "hf_quant_config.json").read_text())
+    assert hf == {
+        "producer": {"name": "modelopt", "version": "0.47.0"},
+        "quantization": {"quant_algo": "NVFP4", "kv_cache_quant_algo": None, "group_size": 16,
+                         "exclude_modules": ["lm_head", "model.embed_tokens"]},
+    }
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and qc["ignore"] == ["lm_head", "model.embed_tokens"]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 16
+    assert "input_activations" in qc["config_groups"]["group_0"]
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    # other files copied, source weights never
+    assert (out / "tokenizer_config.json").read_text() == (tiny("llama") / "tokenizer_config.json").read_text()
+    assert (out / "generation_config.json").exists() and (out / "README.md").exists()
+
+
+def test_weight_only(tiny, tmp_path):
+    out = tmp_path / "out"
+    report = convert(str(tiny("qwen3_moe")), out, weight_only=True, progress=False)
+    recompute_check(tiny("qwen3_moe"), out, weight_only=True)
+    assert "W4A16" in report.activation_policy
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_algo"] == "W4A16_NVFP4" and "input_activations" not in qc["config_groups"]["group_0"]
+    assert json.loads((out / "hf_quant_config.json").read_text())["quantization"]["quant_algo"] == "W4A16_NVFP4"
+
+
+def test_tied_embeddings_stay_tied(tiny, tmp_path):
+    src = tiny("llama", tie_word_embeddings=True)
+    out = tmp_path / "out"
+    convert(str(src), out, progress=False)
+    tensors = load_all(out)
+    assert "lm_head.weight" not in tensors
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and "lm_head" in config["quantization_config"]["ignore"]
+
+
+def test_dry_run_writes_nothing(tiny, tmp_path):
+    report = convert(str(tiny("mixtral")), tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert report.plan.bytes_out < report.plan.bytes_in
+    assert "model.layers.0.block_sparse_moe.gate" in report.plan.exclude_modules
+
+
+def test_exclude_keeps_whole_fused_group(tiny, tmp_path):
+    out = tmp_path / "out"
+    lines = []
+    report = convert(str(tiny("llama")), out, excludes=["model.layers.0.self_attn.k_proj"], progress=False, log=lines.append)
+    tensors = load_all(out)
+    for leaf in ("q_proj", "k_proj", "v_proj"):
+        assert tensors[f"model.layers.0.self_attn.{leaf}.weight"].dtype == torch.bfloat16
+        assert f"model.layers.0.self_attn.{leaf}" in report.plan.exclude_modules
+    assert "model.layers.0.self_attn.qkv_proj" in report.plan.exclude_modules
+    assert tensors["model.layers.1.self_attn.k_proj.weight"].dtype == torch.uint8
+    assert any("share an input" in line for line in lines)
+    recompute_check(tiny("llama"), out)
+
+
+def test_partial_expert_exclusion_keeps_the_layer(tiny, tmp_path):
+    report = convert(str(tiny("mixtral")), tmp_path / "out", excludes=["*.experts.1.w2"], dry_run=True, progress=False)
+    layer0 = [m for m in report.plan.exclude_modules if ".experts." in m and m.endswith(".w2")]
+    assert len(layer0) == 8  # 4 experts x 2 layers
+    assert not any(m.endswith(".w2") for m in report.plan.quantized)
+
+
+def test_deepseek_keeps_mla_router_and_mtp(tiny, tmp_path):
+    report = convert(str(tiny("deepseek_v3")), tmp_path / "out", dry_run=True, progress=False)
+    excl = report.plan.exclude_modules
+    assert "model.layers.1.mlp.gate" in excl and "model.layers.0.self_attn.q_a_proj" in excl
+    assert "model.layers.0.self_attn.fused_qkv_a_proj" in excl
+    assert "model.layers.0.self_attn.o_proj" in report.plan.quantized
+    assert not any(e.rstrip(".*") == "model.layers.1" for e in excl)  # never a bare layer prefix
+
+
+def _write_checkpoint(folder, tensors, config=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "llama"}))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_k_not_multiple_of_16_is_kept_with_warning(tmp_path):
+    src = _write_checkpoint(tmp_path / "src", {
+        "model.layers.0.mlp.down_proj.weight": torch.randn(32, 40, dtype=torch.bfloat16),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(40, 32, dtype=torch.bfloat16),
+    })
+    lines = []
+    report = convert(str(src), tmp_path / "out", progress=False, log=lines.append)
+    assert "model.layers.0.mlp.down_proj" in report.plan.exclude_modules
+    assert any("not a multiple of 16" in line for line in lines)
+    assert load_all(tmp_path / "out")["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8
+
+
+def test_all_zero_weight_and_single_file_source(tmp_path):
+    src = _write_checkpoint(tmp_path / "src", {"model.layers.0.mlp.down_proj.weight": torch.zeros(16, 32, dtype=torch.bfloat16)})
+    convert(str(src), tmp_path / "out", progress=False)
+    t = load_all(tmp_path / "out")
+    assert t["model.layers.0.mlp.down_proj.weight"].eq(0).all()
+    assert t["model.layers.0.mlp.down_proj.weight_scale"].float().eq(1.0).all()
+    assert t["model.layers.0.mlp.down_proj.weight_scale_2"].item() == 1.0
+
+
+def test_nan_weight_is_named(tmp_path):
+    w = torch.randn(16, 32, dtype=torch.bfloat16)
+    w[3, 5] = float("nan")
+    src = _write_checkpoint(tmp_path / "src", {"model.layers.0.mlp.down_proj.weight": w})
+    with pytest.raises(ConvertError, match="model.layers.0.mlp.down_proj.weight contains NaN"):
+        convert(str(src), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_state_is_hidden_and_complete(tiny, tmp_path):
+    out = tmp_path / "out"
+    convert(str(tiny("llama")), out, progress=False, command="nvfp4-convert x y")
+    state = json.loads((out / STATE_DIR / "state.json").read_text())
+    assert state["complete"] and state["info"]["command"] == "nvfp4-convert x y"
