@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from .convert import Report, convert  # noqa: E402
+from .converter import Report, convert  # noqa: E402
 from .errors import ConvertError  # noqa: E402
 
 __all__ = ["ConvertError", "Report", "__version__", "convert"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-from .convert import Report
+from .converter import Report
 from .plan import Plan
 
 _INDEX = re.compile(r"\.\d+\.")

@@ -1,0 +1,107 @@
+"""Interrupted runs resume to byte-identical output; other conversions are never mixed in."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nvfp4_convert import ConvertError, convert
+from nvfp4_convert.output import STATE_DIR, read_conversion_info
+
+# Runs the CLI in a child process that SIGKILLs itself on the N-th call of one internal function.
+KILLER = """
+import os, signal, sys
+import nvfp4_convert.{module} as mod
+target, n = "{func}", {n}
+cls, _, attr = target.rpartition(".")
+owner = getattr(mod, cls) if cls else mod
+original = getattr(owner, attr)
+calls = [0]
+def wrapper(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, attr, wrapper)
+if "{module}" == "output":  # rebind names imported into convert
+    import nvfp4_convert.converter as conv
+    if hasattr(conv, attr):
+        setattr(conv, attr, wrapper)
+from nvfp4_convert.cli import main
+main(sys.argv[1:])
+"""
+
+
+def run_cli(args, *, kill=None):
+    code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else "from nvfp4_convert.cli import main; import sys; main(sys.argv[1:])"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of the checkpoint (the hidden resume record, which names the output path, aside)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and STATE_DIR not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny, tmp_path_factory):
+    src = tiny("qwen2_moe")
+    out = tmp_path_factory.mktemp("ref") / "out"
+    result = run_cli([str(src), str(out), "--max-shard-size", "20KB", "--no-progress"])
+    assert result.returncode == 0, result.stderr
+    return src, snapshot(out)
+
+
+@pytest.mark.parametrize("kill", [
+    ("safetensors_io", "ShardWriter.write", 1),      # first tensor of the first shard
+    ("safetensors_io", "ShardWriter.write", 37),     # in the middle of a shard
+    ("safetensors_io", "ShardWriter.commit", 2),     # right before the second shard is renamed
+    ("output", "OutputDir.record", 3),               # shard renamed, not yet recorded
+    ("output", "copy_atomic", 2),                    # while copying tokenizer/config files
+    ("output", "write_json_atomic", 3),              # between the index and the config files
+])
+def test_killed_run_resumes_byte_identical(kill, reference_run, tmp_path):
+    src, expected = reference_run
+    out = tmp_path / "out"
+    args = [str(src), str(out), "--max-shard-size", "20KB", "--no-progress"]
+    killed = run_cli(args, kill=kill)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "config.json").exists() or kill[1] == "write_json_atomic"
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert snapshot(out) == expected
+    assert read_conversion_info(out) is not None
+
+
+def test_resume_skips_finished_shards_and_redoes_damaged_ones(tiny, tmp_path):
+    src, out = tiny("llama"), tmp_path / "out"
+    convert(str(src), out, max_shard_size="30KB", progress=False)
+    before = snapshot(out)
+    shard = out / "model-00002-of-00004.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    report = convert(str(src), out, max_shard_size="30KB", progress=False)
+    assert shard.name not in report.skipped_shards and len(report.skipped_shards) == 3
+    assert snapshot(out) == before
+
+
+def test_other_conversion_is_refused_unless_overwrite(tiny, tmp_path):
+    out = tmp_path / "out"
+    convert(str(tiny("llama")), out, progress=False)
+    with pytest.raises(ConvertError, match="holds another conversion"):
+        convert(str(tiny("llama")), out, weight_only=True, progress=False)
+    convert(str(tiny("llama")), out, weight_only=True, overwrite=True, progress=False)
+    assert b"W4A16_NVFP4" in (out / "hf_quant_config.json").read_bytes()
+
+
+def test_unrelated_folder_is_refused(tiny, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="holds files from something else"):
+        convert(str(tiny("llama")), out, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
