@@ -22,8 +22,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status
-from huggingface_hub.utils import httpx
+from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status, httpx
 from huggingface_hub.utils.sha import sha_fileobj
 from tqdm.auto import tqdm
 
@@ -97,7 +96,11 @@ class HubSource:
         self._stop = threading.Event()
         self._bar: tqdm | None = None
         self._headers: dict[str, ShardHeader] | None = None
-        self.shards, self.weight_map = weight_shards(self._files, self.read_json, where=self.description)
+        try:
+            self.shards, self.weight_map = weight_shards(self._files, self.read_json, where=self.description)
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"HubSource({self.description!r})"
@@ -113,7 +116,8 @@ class HubSource:
         check_relative(filename, where=self.description)
         if filename not in self._siblings:
             raise ConvertError(f"{filename} is missing", where=self.description,
-                               fix="A Hugging Face checkpoint repo needs config.json")
+                               fix="A Hugging Face checkpoint repo needs config.json" if filename == "config.json"
+                               else "The file is not in this revision of the repo")
         with self._hub_errors(filename):
             return Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
                                                   local_dir=self.work_dir / _METADATA_DIR, tqdm_class=_QuietBar))
@@ -137,14 +141,14 @@ class HubSource:
         size = self._siblings[filename].size or 0
         url = hf_hub_url(self.repo_id, filename, revision=self.revision, endpoint=self._api.endpoint)
         with self._hub_errors(filename):
-            head = self._read_range(url, 0, min(size, _HEADER_PROBE))
+            head = self._read_range(url, 0, min(size, _HEADER_PROBE)) if size >= 8 else b""
             if len(head) < 8:
                 raise ConvertError("truncated shard: shorter than 8 bytes", where=filename,
-                                   fix="Re-upload or re-export this shard")
+                                   fix="Re-download or re-export this shard")
             (length,) = struct.unpack("<Q", head[:8])
             if length > _MAX_HEADER or 8 + length > size:
                 raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {size}-byte file",
-                                   where=filename, fix="Re-upload or re-export this shard")
+                                   where=filename, fix="Re-download or re-export this shard")
             if 8 + length > len(head):
                 head += self._read_range(url, len(head), 8 + length - len(head))
         return parse_header(head[8:8 + length], filename=filename, file_size=size)
