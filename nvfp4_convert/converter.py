@@ -19,7 +19,7 @@ from .errors import ConvertError
 from .kernels import Backend
 from .kernels.common import global_scale
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
-from .plan import Plan, Unit, build_plan
+from .plan import Plan, Unit, build_plan, check_not_quantized
 from .recipes import Recipe, load_recipe
 from .safetensors_io import ShardWriter, read_rows, read_tensor_bytes
 from .sources import Source, open_source
@@ -179,6 +179,7 @@ def _read_config(source: Source) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ConvertError("config.json has no model_type", where=f"{source.description}/config.json",
                            fix="Fix config.json (it must be a transformers model config)")
+    check_not_quantized(config, {}, where=source.description)
     return config
 
 
