@@ -228,39 +228,42 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
             report.skipped_shards.append(shard.filename)
         else:
             todo.append(shard)
-    # source shards in the order they are first needed, and the last output shard needing each
+    # Source shards are held from the first unit that reads them to the last one, so the disk holds
+    # only what the current unit needs plus one prefetched shard.
+    steps = [(i, unit) for i, shard in enumerate(todo) for unit in shard.units]
     need_order: list[str] = []
     last_use: dict[str, int] = {}
-    for i, shard in enumerate(todo):
-        for s in sorted(shard.sources, key=plan.source_shards.index):
+    for pos, (_, unit) in enumerate(steps):
+        for s in sorted(unit.sources, key=plan.source_shards.index):
             if s not in last_use:
                 need_order.append(s)
-            last_use[s] = i
-    total = sum(sum(plan.tensors[t].info.nbytes for t in _unit_tensors(u)) for s in todo for u in s.units)
+            last_use[s] = pos
+    total = sum(plan.tensors[t].info.nbytes for _, u in steps for t in _unit_tensors(u))
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, dynamic_ncols=True)
     acquired: dict[str, Path] = {}
+    writer: ShardWriter | None = None
     try:
-        for i, shard in enumerate(todo):
-            for s in sorted(shard.sources, key=need_order.index):
+        for pos, (i, unit) in enumerate(steps):
+            if writer is None:
+                writer = ShardWriter(output.path / todo[i].filename, todo[i].tensors)
+            for s in sorted(unit.sources, key=need_order.index):
                 if s not in acquired:
                     acquired[s] = source.acquire(s)
-            upcoming = next((s for s in need_order if s not in acquired and last_use[s] > i), None)
+            upcoming = next((s for s in need_order if s not in acquired and last_use[s] > pos), None)
             if upcoming:
                 source.prefetch(upcoming)
-            writer = ShardWriter(output.path / shard.filename, shard.tensors)
-            try:
-                for unit in shard.units:
-                    _process_unit(unit, plan, acquired, writer, backend)
-                    bar.update(sum(plan.tensors[t].info.nbytes for t in _unit_tensors(unit)))
-                writer.commit()
-            except BaseException:
-                writer.abort()
-                raise
-            output.record(shard.filename)
-            for s in [s for s in acquired if last_use[s] <= i]:
+            _process_unit(unit, plan, acquired, writer, backend)
+            bar.update(sum(plan.tensors[t].info.nbytes for t in _unit_tensors(unit)))
+            for s in [s for s in acquired if last_use[s] <= pos]:
                 source.release(s)
                 del acquired[s]
+            if pos + 1 == len(steps) or steps[pos + 1][0] != i:
+                writer.commit()
+                writer = None
+                output.record(todo[i].filename)
     finally:
+        if writer is not None:
+            writer.abort()
         bar.close()
 
 
