@@ -3,29 +3,24 @@ output shards, resumably."""
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import __version__
+from . import pipeline
 from .configs import hf_quant_config, quant_algo, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .kernels import Backend
-from .kernels.common import global_scale
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
-from .plan import Plan, Unit, build_plan, check_not_quantized
+from .plan import Plan, build_plan, check_not_quantized
 from .recipes import Recipe, load_recipe
-from .safetensors_io import ShardWriter, read_rows, read_tensor_bytes
 from .sources import Source, open_source
 from .sources.base import PICKLE_SUFFIXES, SAFETENSORS_INDEX
 
-CHUNK_BYTES = 64 * 1024 * 1024
 _NOT_COPIED_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", ".partial", *PICKLE_SUFFIXES)
 _REWRITTEN = {"config.json", "hf_quant_config.json", SAFETENSORS_INDEX}
 
@@ -228,122 +223,7 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
             report.skipped_shards.append(shard.filename)
         else:
             todo.append(shard)
-    # Source shards are held from the first unit that reads them to the last one, so the disk holds
-    # only what the current unit needs plus one prefetched shard.
-    steps = [(i, unit) for i, shard in enumerate(todo) for unit in shard.units]
-    need_order: list[str] = []
-    last_use: dict[str, int] = {}
-    for pos, (_, unit) in enumerate(steps):
-        for s in sorted(unit.sources, key=plan.source_shards.index):
-            if s not in last_use:
-                need_order.append(s)
-            last_use[s] = pos
-    total = sum(plan.tensors[t].info.nbytes for _, u in steps for t in _unit_tensors(u))
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, dynamic_ncols=True)
-    acquired: dict[str, Path] = {}
-    writer: ShardWriter | None = None
-    try:
-        for pos, (i, unit) in enumerate(steps):
-            if writer is None:
-                writer = ShardWriter(output.path / todo[i].filename, todo[i].tensors)
-            for s in sorted(unit.sources, key=need_order.index):
-                if s not in acquired:
-                    acquired[s] = source.acquire(s)
-            upcoming = next((s for s in need_order if s not in acquired and last_use[s] > pos), None)
-            if upcoming:
-                source.prefetch(upcoming)
-            _process_unit(unit, plan, acquired, writer, backend)
-            bar.update(sum(plan.tensors[t].info.nbytes for t in _unit_tensors(unit)))
-            for s in [s for s in acquired if last_use[s] <= pos]:
-                source.release(s)
-                del acquired[s]
-            if pos + 1 == len(steps) or steps[pos + 1][0] != i:
-                writer.commit()
-                writer = None
-                output.record(todo[i].filename)
-    finally:
-        if writer is not None:
-            writer.abort()
-        bar.close()
-
-
-def _unit_tensors(unit: Unit) -> list[str]:
-    return [unit.kept] if unit.kept else [f"{m}.weight" for m in unit.modules]
-
-
-def _row_chunks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
-    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    for start in range(0, rows, step):
-        yield start, min(rows, start + step)
-
-
-def _read_ahead(items: Iterator, load: Callable, depth: int = 2) -> Iterator:
-    """Yield ``(item, load(item))`` while a thread loads the next ones (I/O overlaps compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def worker():
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((item, load(item), None))
-        except BaseException as exc:  # handed to the consumer
-            q.put((None, None, exc))
-            return
-        q.put(None)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    try:
-        while (entry := q.get()) is not None:
-            item, value, exc = entry
-            if exc is not None:
-                raise exc
-            yield item, value
-    finally:
-        stop.set()
-        while thread.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(0.01)
-
-
-def _process_unit(unit: Unit, plan: Plan, paths: dict[str, Path], writer: ShardWriter, backend: Backend) -> None:
-    headers = plan.headers
-    if unit.kept:
-        t = plan.tensors[unit.kept]
-        for start in range(0, t.info.nbytes, CHUNK_BYTES):
-            stop = min(t.info.nbytes, start + CHUNK_BYTES)
-            writer.write(unit.kept, read_tensor_bytes(paths[t.shard], headers[t.shard], unit.kept, start, stop), at=start)
-        return
-    weights = [plan.quantized[m] for m in unit.modules]
-
-    def chunks(t):
-        rows, k = t.info.shape
-        return _read_ahead(_row_chunks(rows, t.info.nbytes // max(rows, 1)),
-                           lambda r: read_rows(paths[t.shard], headers[t.shard], t.name, *r))
-
-    group_amax = torch.tensor(0.0)
-    for t in weights:
-        amax = torch.tensor(0.0)
-        for _, w in chunks(t):
-            amax = torch.maximum(amax, backend.amax(w))
-        if not torch.isfinite(amax):
-            raise ConvertError(f"tensor {t.name} contains NaN or Inf", where=f"{t.shard}",
-                               fix="Fix the source weights, or --exclude this module to keep it unquantized")
-        group_amax = torch.maximum(group_amax, amax)
-    ws2 = global_scale(group_amax)
-    for module, t in zip(unit.modules, weights):
-        k = t.info.shape[1]
-        for (start, _), w in chunks(t):
-            packed, scales = backend.quantize(w, ws2)
-            writer.write(f"{module}.weight", packed, at=start * (k // 2))
-            writer.write(f"{module}.weight_scale", scales, at=start * (k // 16))
-        writer.write(f"{module}.weight_scale_2", ws2.reshape(()))
-        if not plan.weight_only:
-            writer.write(f"{module}.input_scale", torch.tensor(1.0, dtype=torch.float32))
+    pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress)
 
 
 def _write_other_files(source: Source, out: Path) -> None:

@@ -130,21 +130,37 @@ def read_header(path: Path, *, filename: str | None = None) -> ShardHeader:
     return parse_header(raw, filename=filename, file_size=size)
 
 
-def read_tensor_bytes(path: Path, header: ShardHeader, name: str, start: int = 0, stop: int | None = None) -> bytearray:
-    """Raw bytes ``[start, stop)`` of tensor ``name`` (relative to the tensor's own data)."""
+def read_tensor_bytes(path: Path, header: ShardHeader, name: str, start: int = 0, stop: int | None = None,
+                      *, out: memoryview | None = None) -> bytearray | memoryview:
+    """Raw bytes ``[start, stop)`` of tensor ``name`` (relative to the tensor's own data).
+
+    With ``out`` (a writable buffer of the right length, e.g. pinned memory) the bytes land there.
+    """
     info = header.tensors[name]
     stop = info.nbytes if stop is None else stop
-    buf = bytearray(stop - start)
+    buf = bytearray(stop - start) if out is None else out
+    view = memoryview(buf).cast("B")
+    if len(view) != stop - start:
+        raise ValueError("output buffer has the wrong size")
     with open(path, "rb", buffering=0) as f:
         f.seek(header.data_start + info.data_offsets[0] + start)
-        view, got = memoryview(buf), 0
-        while got < len(buf):
+        got = 0
+        while got < len(view):
             n = f.readinto(view[got:])
             if not n:
                 raise ConvertError("truncated shard while reading tensor data", where=f"{header.filename}:{name}",
                                    fix="Re-download or re-export this shard")
             got += n
     return buf
+
+
+def read_tensor(path: Path, header: ShardHeader, name: str, *, pin_memory: bool = False) -> torch.Tensor:
+    """The whole tensor ``name`` as a torch tensor of its dtype (optionally in pinned host memory)."""
+    info = header.tensors[name]
+    raw = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+    if info.nbytes:
+        read_tensor_bytes(path, header, name, out=raw.numpy().data)
+    return raw.view(TORCH_DTYPES[info.dtype]).view(info.shape) if info.dtype in TORCH_DTYPES else raw
 
 
 def read_rows(path: Path, header: ShardHeader, name: str, row_start: int, row_stop: int) -> torch.Tensor:
