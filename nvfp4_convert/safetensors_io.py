@@ -206,8 +206,9 @@ def layout(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> 
 class ShardWriter:
     """Writes one output shard: header first, then tensors in any order at their planned offsets.
 
-    The file is built as ``<name>.partial`` and renamed into place by :meth:`commit` after an fsync,
-    so a shard under its final name is always complete.
+    The file is built as ``<name>.partial`` and renamed into place by :meth:`commit`, so a shard under
+    its final name is always complete. There is no fsync: resuming re-hashes every finished shard
+    against its recorded sha256, which catches a shard lost to a power cut as well.
     """
 
     def __init__(self, path: Path, tensors: list[OutTensor]):
@@ -244,9 +245,8 @@ class ShardWriter:
             view, offset = view[n:], offset + n
 
     def commit(self) -> None:
-        """Flush to disk and move the finished shard to its final name."""
+        """Move the finished shard to its final name."""
         try:
-            os.fsync(self.fd)
             os.close(self.fd)
             self.fd = -1
             os.replace(self.partial, self.path)

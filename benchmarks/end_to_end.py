@@ -1,0 +1,171 @@
+"""End-to-end conversion time against the I/O floor, and peak memory, on a synthetic checkpoint.
+
+    python benchmarks/end_to_end.py --size 16GB --dir /tmp/e2e            # Llama-8B-shaped layers
+    python benchmarks/end_to_end.py --size 2GB --dir /tmp/e2e --backend cpu
+
+Writes a random BF16 Llama-shaped checkpoint of about SIZE, then in one run measures
+  1. the I/O floor: reading every source tensor once and writing tensors of the output's size once,
+     both with plain safetensors;
+  2. quantize alone: the backend over every quantized weight, from memory;
+  3. `nvfp4-convert SRC OUT` in a child process (wall time and peak RSS);
+and prints the ratios. Numbers are for the machine it runs on; run both measurements in one go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
+
+
+def layer_tensors(i: int) -> dict[str, tuple[int, int]]:
+    head = HIDDEN // HEADS
+    p = f"model.layers.{i}"
+    return {
+        f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+        f"{p}.self_attn.k_proj.weight": (KV_HEADS * head, HIDDEN),
+        f"{p}.self_attn.v_proj.weight": (KV_HEADS * head, HIDDEN),
+        f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+        f"{p}.mlp.gate_proj.weight": (INTER, HIDDEN),
+        f"{p}.mlp.up_proj.weight": (INTER, HIDDEN),
+        f"{p}.mlp.down_proj.weight": (HIDDEN, INTER),
+        f"{p}.input_layernorm.weight": (HIDDEN,),
+        f"{p}.post_attention_layernorm.weight": (HIDDEN,),
+    }
+
+
+def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, vocab: int = VOCAB) -> int:
+    """Random BF16 Llama-8B-shaped layers (as many as fit ``size``); returns the bytes written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per_layer = sum(2 * torch.Size(s).numel() for s in layer_tensors(0).values())
+    layers = max(1, (size - 4 * vocab * HIDDEN) // per_layer)
+    names = {"model.embed_tokens.weight": (vocab, HIDDEN)}
+    for i in range(layers):
+        names.update(layer_tensors(i))
+    names.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)})
+    gen = torch.Generator().manual_seed(0)
+    shard, shard_bytes, index, total, shards = {}, 0, {}, 0, []
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            shards.append(dict(shard))
+            name = f"part-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    for name, shape in names.items():
+        t = torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.bfloat16) * 0.02
+        if shard_bytes + t.numel() * 2 > shard_size:
+            flush()
+        shard[name] = t
+        shard_bytes += t.numel() * 2
+        total += t.numel() * 2
+    flush()
+    del shards
+    final = {}
+    n = len(set(index.values()))
+    for i, name in enumerate(sorted(set(index.values())), 1):
+        new = f"model-{i:05d}-of-{n:05d}.safetensors"
+        (folder / name).rename(folder / new)
+        final[name] = new
+    index = {k: final[v] for k, v in index.items()}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+              "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+              "num_hidden_layers": layers, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return total
+
+
+def io_floor(src: Path, scratch: Path) -> tuple[float, float]:
+    """Seconds to read every source tensor once, and to write the output's bytes once, with safetensors."""
+    from nvfp4_convert.converter import convert
+
+    plan = convert(str(src), scratch / "plan", dry_run=True, progress=False, log=lambda _: None).plan
+    started = time.perf_counter()
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                f.get_tensor(key).view(-1)[::4096].sum()  # touch the data
+    read = time.perf_counter() - started
+    scratch.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    for i, shard in enumerate(plan.shards):
+        tensors = {t.name: torch.empty(t.nbytes, dtype=torch.uint8) for t in shard.tensors}
+        save_file(tensors, scratch / f"floor-{i}.safetensors")
+        del tensors
+    write = time.perf_counter() - started
+    shutil.rmtree(scratch)
+    return read, write
+
+
+def quantize_only(src: Path, backend_name: str | None) -> tuple[float, str]:
+    from nvfp4_convert.kernels import selfcheck
+    from nvfp4_convert.kernels.common import global_scale
+
+    backend, _ = selfcheck.select_proven_backend(backend_name)
+    spent = 0.0
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for key in f.keys():
+                if "proj" in key:
+                    w = f.get_tensor(key)
+                    started = time.perf_counter()
+                    backend.quantize(w, global_scale(backend.amax(w)))
+                    spent += time.perf_counter() - started
+    return spent, backend.name
+
+
+def main() -> None:
+    from nvfp4_convert.converter import parse_size
+    from nvfp4_convert.safetensors_io import read_header
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="2GB")
+    parser.add_argument("--dir", type=Path, required=True)
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and output")
+    args = parser.parse_args()
+    src, out = args.dir / "src", args.dir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    if not (src / "config.json").exists():
+        started = time.perf_counter()
+        total = make_checkpoint(src, parse_size(args.size), vocab=args.vocab)
+        print(f"wrote synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")
+    total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    read, write = io_floor(src, args.dir / "floor")
+    q, backend = quantize_only(src, args.backend)
+    cmd = [sys.executable, "-m", "nvfp4_convert", str(src), str(out), "--no-progress"]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    convert_s = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    largest = max(t.nbytes for p in src.glob("*.safetensors") for t in read_header(p).tensors.values())
+    floor = read + write
+    print(f"source {total / 1e9:.2f} GB, largest tensor T = {largest / 1e6:.0f} MB, backend {backend}")
+    print(f"I/O floor (read {read:.2f} s + write {write:.2f} s) = {floor:.2f} s; quantize alone {q:.2f} s")
+    print(f"convert: {convert_s:.2f} s = {convert_s / floor:.2f}x the I/O floor, "
+          f"{convert_s / max(floor, q):.2f}x max(I/O floor, quantize); {total / convert_s / 1e9:.2f} GB/s")
+    print(f"peak RSS of the conversion: {peak / 1e9:.2f} GB (bound 3T + 1.5 GB = {(3 * largest + 1.5e9) / 1e9:.2f} GB)")
+    if not args.keep:
+        shutil.rmtree(args.dir)
+
+
+if __name__ == "__main__":
+    main()
