@@ -18,7 +18,7 @@ app = typer.Typer(
     help="Turn a Hugging Face LLM checkpoint into an NVFP4 checkpoint that vLLM, SGLang and TensorRT-LLM "
     "load like a ModelOpt export.\n\nUsage: nvfp4-convert SRC OUT [OPTIONS]  (SRC: a Hub repo id or a local folder)",
 )
-COMMANDS = {"convert", "bench"}
+COMMANDS = {"convert", "bench", "verify", "push"}
 
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 
@@ -67,6 +67,8 @@ def convert(
     dry_run: Annotated[bool, typer.Option(help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an output folder that holds something else.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    push_to_hub: Annotated[Optional[str], typer.Option(help="After a successful conversion, verify OUT and upload it to this Hub repo.")] = None,
+    private: Annotated[bool, typer.Option(help="With --push-to-hub: create the repo private.")] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Convert SRC (Hub repo or folder) into an NVFP4 checkpoint in OUT."""
@@ -83,6 +85,62 @@ def convert(
     except (ConvertError, KeyboardInterrupt, Exception) as exc:  # one line, not a traceback
         _fail(exc, debug)
     typer.echo(format_plan(report) if dry_run else format_summary(report))
+    if push_to_hub and dry_run:
+        typer.echo("dry run: nothing pushed", err=True)
+    elif push_to_hub:
+        _push(out, push_to_hub, private=private, token=token, endpoint=endpoint, debug=debug)
+
+
+@app.command("verify")
+def verify_command(
+    out: Annotated[Path, typer.Argument(help="The converted checkpoint folder.")],
+    source: Annotated[Optional[str], typer.Option(help="The source it was converted from (folder or Hub repo): also measure the error and check kept tensors are unchanged.")] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --source.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Hub token for a gated/private --source (default: HF_TOKEN).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    plots: Annotated[Optional[Path], typer.Option(help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    debug: DebugOpt = False,
+) -> None:
+    """Check OUT against the NVFP4 format contract; exit 1 on any violation."""
+    from .verify import verify
+
+    try:
+        report = verify(out, source=source, revision=revision, token=token, endpoint=endpoint, json_path=json_path,
+                        plot_dir=plots, progress=progress)
+    except (ConvertError, KeyboardInterrupt, Exception) as exc:
+        _fail(exc, debug)
+    for violation in report.violations:
+        typer.echo(f"violation: {violation.line()}")
+    typer.echo(report.format_summary())
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command("push")
+def push_command(
+    out: Annotated[Path, typer.Argument(help="A finished conversion's output folder.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo to create (if needed) and upload to, e.g. me/Model-NVFP4.")],
+    private: Annotated[bool, typer.Option(help="Create the repo private (an existing repo keeps its visibility).")] = False,
+    token: Annotated[Optional[str], typer.Option(help="Hub token with write access (default: HF_TOKEN or the stored login).")] = None,
+    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Verify OUT, write its model card and upload it to the Hub."""
+    _push(out, repo_id, private=private, token=token, endpoint=endpoint, commit_message=commit_message, debug=debug)
+
+
+def _push(out: Path, repo_id: str, *, private: bool, token: str | None, endpoint: str | None, debug: bool,
+          commit_message: str | None = None) -> None:
+    from .publish import push
+
+    try:
+        url = push(out, repo_id, private=private, token=token, endpoint=endpoint, commit_message=commit_message)
+    except (ConvertError, KeyboardInterrupt, Exception) as exc:
+        _fail(exc, debug)
+    typer.echo(f"pushed to {url}")
 
 
 @app.command()

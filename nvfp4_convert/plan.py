@@ -164,7 +164,7 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
         else:
             candidates[module] = t
 
-    groups = _fusion_groups(linear_like, recipe)
+    groups = fusion_groups(linear_like, recipe)
     for group in groups:  # a fused group is quantized whole or not at all
         kept = [m for m in group if m not in candidates]
         if kept and len(kept) < len(group):
@@ -196,7 +196,7 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
 
     exclude = _exclude_modules(config, tensors, linear_like, quantized, groups, recipe)
     for entry in exclude:
-        clash = next((m for m in _engine_names(quantized, groups, recipe) if "*" not in entry and entry in m), None)
+        clash = next((m for m in engine_names(quantized, groups, recipe) if "*" not in entry and entry in m), None)
         if clash:
             warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
@@ -204,7 +204,7 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
                 weight_only=weight_only, warnings=warnings, kept_reasons=kept_reasons, headers=headers)
 
 
-def _fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[tuple[str, ...]]:
+def fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[tuple[str, ...]]:
     """Union of the recipe's sibling sets that exist in the checkpoint (a module may sit in two rules)."""
     parent: dict[str, str] = {}
 
@@ -242,7 +242,7 @@ def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> N
                     kept_reasons[e] = f"expert sibling {kept[0]} is kept"
 
 
-def _engine_names(quantized: dict, groups: list[tuple[str, ...]], recipe: Recipe) -> list[str]:
+def engine_names(quantized: dict, groups: list[tuple[str, ...]], recipe: Recipe) -> list[str]:
     """Quantized module names as serving engines see them (fused aliases included)."""
     names = list(quantized)
     aliases = {frozenset(r.members): r.alias for r in recipe.fuse if r.alias}
