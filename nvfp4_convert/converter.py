@@ -179,26 +179,17 @@ def _read_config(source: Source) -> dict:
 
 
 def _choose_backend(name: str | None, *, exact: bool, threads: int | None) -> tuple[Backend, str]:
-    try:  # TEMP until selfcheck lands
-        from .kernels import selfcheck
-    except ImportError:
-        selfcheck = None
+    from .kernels import selfcheck
 
-    if threads:
-        torch.set_num_threads(threads)
-        from . import kernels
-
-        for b in kernels.backends().values():
-            setter = getattr(b, "set_threads", None)
-            if setter:
-                setter(threads)
     try:
-        if selfcheck is None:
-            from .kernels import select_backend
-            return select_backend(name)
-        return selfcheck.select_proven_backend(name, exact=exact)
+        backend, reason = selfcheck.select_proven_backend(name, exact=exact)
     except (KeyError, RuntimeError) as exc:
         raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
+    if threads:
+        torch.set_num_threads(threads)
+        if backend.set_threads:
+            backend.set_threads(threads)
+    return backend, reason
 
 
 def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool, shard_size: int) -> str:

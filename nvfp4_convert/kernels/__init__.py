@@ -32,6 +32,7 @@ class Backend:
         device: ``"cpu"`` or ``"cuda"``: where it computes.
         available: returns ``None`` when usable here, else the reason it is not.
         priority: higher wins in automatic selection among available backends of the same device.
+        set_threads: sets how many CPU threads it uses (``--threads``), for backends that have a say.
     """
 
     name: str
@@ -42,6 +43,7 @@ class Backend:
     available: Callable[[], str | None] = field(default=lambda: None)
     priority: int = 0
     description: str = ""
+    set_threads: Callable[[int], None] | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -107,3 +109,6 @@ register(
         description="pure torch, bit-exact with ModelOpt 0.47; slow but runs anywhere",
     )
 )
+from . import cpu  # noqa: E402,F401
+from . import triton_kernel  # noqa: E402,F401
+from . import flashinfer_backends  # noqa: E402,F401

@@ -7,21 +7,31 @@ matches the reference for every input, NaN and infinity included:
 * block amax: the maximum of the sign-cleared bit patterns (for IEEE floats of one sign the integer
   order is the value order, and a NaN pattern sorts above infinity, so NaN propagates as in torch);
 * block scale: ``amax_b / float32(6 * ws2)``, ``0 -> 1``, clamped to ``[2^-9, 448]`` (NaN stays NaN),
-  then rounded to float8_e4m3fn with round-half-to-even on the bit pattern (subnormals included);
+  then rounded to float8_e4m3fn with round-half-to-even on the bit pattern (subnormals included; NaN
+  gives ``0x7F`` as torch's cast does);
 * element: ``x = w / float32(float(scale_fp8) * ws2)``, a correctly rounded float32 division, then the
-  E2M1 code as ``searchsorted`` + tie rule would give it, written as comparisons (NaN -> 7);
-* sign bit from ``x < 0``, low nibble = even element.
+  E2M1 code that ``searchsorted`` plus the tie rule gives, written as comparisons (NaN -> 7);
+* sign bit from ``x < 0``; the even element goes to the low nibble.
 
-bf16 and fp16 inputs are widened to float32 exactly (bf16 by a shift, fp16 by bit manipulation that
-handles subnormals, infinities and NaNs). numba is imported on first use, not at package import; when it
-cannot be imported, :func:`available` says why and automatic selection falls back to the reference.
-Compiled code is cached on disk (``cache=True``) when a cache directory is writable.
+bf16 inputs are widened to float32 by a 16-bit shift, fp16 through a 65536-entry table built by torch's
+own fp16 -> fp32 conversion, fp32 is read in place. A kernel call works row by row with a row's worth
+of scratch that stays in cache, in passes simple enough for LLVM to vectorize (the division runs as
+``vdivps``, which is IEEE-exact). The kernels release the GIL, and a small thread pool
+(:func:`set_threads`, default: every CPU this process may use) runs chunks of rows in parallel.
+
+numba is imported on first use, not at package import. When it cannot be imported, :func:`available`
+says why and automatic backend selection falls back to the reference. Compiled code is cached on disk
+(``cache=True``: next to this file, or numba's per-user cache directory when that is read-only); with no
+writable location the kernels are compiled in memory on each run.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -29,9 +39,12 @@ import torch
 from . import Backend, reference, register
 from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN
 
+__all__ = ["amax", "available", "quantize", "set_threads", "threads", "warm_up"]
+
 # ---------------------------------------------------------------------------------------------------
-# numba kernels. They are written as plain Python here and compiled by ``_load`` (which rebinds each
-# name to its compiled dispatcher), so importing this module does not import numba.
+# Kernels. They are plain Python until ``_load`` compiles them and rebinds each name in this module to
+# its numba dispatcher (so kernels that call each other by name call the compiled versions), which keeps
+# numba out of ``import nvfp4_convert``.
 # ---------------------------------------------------------------------------------------------------
 
 _JIT_SPECS: list[tuple[str, dict]] = []
@@ -45,116 +58,332 @@ def _jit(**options):
     return mark
 
 
-prange = range  # rebound to numba.prange by _load
-
-_F_SIX = np.float32(6.0)
 _F_ZERO = np.float32(0.0)
 _F_ONE = np.float32(1.0)
 _F_SCALE_MIN = np.float32(SCALE_MIN)
 _F_E4M3_MAX = np.float32(E4M3_MAX)
-_F_SUB_MUL = np.float32(512.0)  # 2^9: one float8_e4m3fn subnormal step is 2^-9
-_F_NORM_MIN = np.float32(2.0**-6)
-_B025 = np.float32(0.25)
-_B075 = np.float32(0.75)
-_B125 = np.float32(1.25)
-_B175 = np.float32(1.75)
-_B250 = np.float32(2.5)
-_B350 = np.float32(3.5)
-_B500 = np.float32(5.0)
+_F_E4M3_NORMAL_MIN = np.float32(2.0**-6)
+_F_E4M3_SUBNORMAL_STEPS = np.float32(2.0**9)
+_F_E4M3_SUBNORMAL_MIN = np.float32(2.0**-9)  # float8_e4m3fn subnormals are multiples of 2^-9
+# E2M1 rounding boundaries. searchsorted counts the boundaries strictly below |x| and the tie rule adds
+# one at 0.75, 1.75 and 3.5, so code = 7 - #{b : |x| <= b} (even boundaries) - #{b : |x| < b} (odd
+# ones); NaN fails every comparison and gets 7, as searchsorted sorts NaN last.
+_B0 = np.float32(0.25)
+_B1 = np.float32(0.75)
+_B2 = np.float32(1.25)
+_B3 = np.float32(1.75)
+_B4 = np.float32(2.5)
+_B5 = np.float32(3.5)
+_B6 = np.float32(5.0)
+_U_ABS32 = np.uint32(0x7FFFFFFF)
 
 
 @_jit(inline="always")
-def _e4m3_byte(s):
-    """float8_e4m3fn bits of a float32 that is NaN or in [2^-9, 448] (round half to even)."""
-    if s != s:
-        return np.uint8(0x7F)
-    if s < _F_NORM_MIN:
-        return np.uint8(np.rint(s * _F_SUB_MUL))  # exact multiply; 8 -> 0x08 == 2^-6, still right
-    b = np.uint32(np.array([s], dtype=np.float32).view(np.uint32)[0])
-    r = (b + np.uint32(0x7FFFF) + ((b >> np.uint32(20)) & np.uint32(1))) >> np.uint32(20)
-    return np.uint8(r - np.uint32(960))  # rebias exponent 127 -> 7: (127 - 7) << 3
-
-
-@_jit(inline="always")
-def _quant_row(f, u, packed, scales, ws2, six_ws2, dec):
-    """Quantize one row: ``f`` float32 values, ``u`` the same values' uint32 bits."""
-    nb = f.shape[0] // 16
+def _quantize_row(f, u, packed, scales, ws2, six_ws2, blk, blkf, codes):
+    """One row: ``f`` float32 values and ``u`` the same memory as uint32. Scratch: ``blk``/``blkf``
+    (uint32 and float32 views of one ``[2, K/16]`` buffer) and ``codes`` (a byte per element)."""
+    k = f.shape[0]
+    nb = k // 16
+    am, amf, rn, rnf = blk[0], blkf[0], blk[1], blkf[1]
+    # 1. block amax as the largest sign-cleared bit pattern
     for b in range(nb):
-        base = b * 16
         m = np.uint32(0)
         for i in range(16):
-            a = u[base + i] & np.uint32(0x7FFFFFFF)
-            if a > m:
-                m = a
-        amax = np.array([m], dtype=np.uint32).view(np.float32)[0]
-        s = amax / six_ws2
+            m = max(m, u[b * 16 + i] & _U_ABS32)
+        am[b] = m
+    # 2. float32 block scale, 0 -> 1, clamp (comparisons leave NaN as it is, like torch.clamp)
+    for b in range(nb):
+        s = amf[b] / six_ws2
         if s == _F_ZERO:
             s = _F_ONE
         if s < _F_SCALE_MIN:
             s = _F_SCALE_MIN
         elif s > _F_E4M3_MAX:
             s = _F_E4M3_MAX
-        sb = _e4m3_byte(s)
-        scales[b] = sb
-        d = dec[sb] * ws2
-        ob = b * 8
-        for j in range(8):
-            x0 = f[base + 2 * j] / d
-            x1 = f[base + 2 * j + 1] / d
-            a0 = np.abs(x0)
-            a1 = np.abs(x1)
-            c0 = 7 - ((a0 <= _B025) + (a0 < _B075) + (a0 <= _B125) + (a0 < _B175) + (a0 <= _B250) + (a0 < _B350) + (a0 <= _B500))
-            c1 = 7 - ((a1 <= _B025) + (a1 < _B075) + (a1 <= _B125) + (a1 < _B175) + (a1 <= _B250) + (a1 < _B350) + (a1 <= _B500))
-            c0 += 8 * (x0 < _F_ZERO)
-            c1 += 8 * (x1 < _F_ZERO)
-            packed[ob + j] = np.uint8(c0 | (c1 << 4))
+        amf[b] = s
+    # 3. round to float8_e4m3fn (half to even) and take the float32 divisor float(scale) * ws2.
+    #    Normal range: round the 23-bit mantissa to 3 bits on the bit pattern (a carry bumps the
+    #    exponent, as it should); the byte is then bits >> 20 with the exponent rebiased from 127 to 7.
+    #    Subnormal range [2^-9, 2^-6): s * 2^9 is exact and rint rounds it half to even to 1..8 (8 being
+    #    0x08, the smallest normal), which is the byte itself. NaN gives 0x7F. Written as selects so
+    #    both loops vectorize.
+    for b in range(nb):
+        bits = am[b]
+        rn[b] = (bits + np.uint32(0x7FFFF) + ((bits >> np.uint32(20)) & np.uint32(1))) & np.uint32(0xFFF00000)
+    for b in range(nb):
+        s = amf[b]
+        steps = np.rint(s * _F_E4M3_SUBNORMAL_STEPS)
+        if s < _F_E4M3_NORMAL_MIN:
+            q = steps * _F_E4M3_SUBNORMAL_MIN
+            sb = np.uint32(steps)
+        else:
+            q = rnf[b]
+            sb = (rn[b] >> np.uint32(20)) - np.uint32(960)
+        if s != s:
+            q = s
+            sb = np.uint32(0x7F)
+        scales[b] = np.uint8(sb)
+        amf[b] = q * ws2
+    # 4. E2M1 code of every element: a correctly rounded division by the block's divisor
+    for b in range(nb):
+        d = amf[b]
+        for i in range(16):
+            x = f[b * 16 + i] / d
+            a = np.abs(x)
+            c = np.int32(7) - (
+                np.int32(a <= _B0)
+                + np.int32(a < _B1)
+                + np.int32(a <= _B2)
+                + np.int32(a < _B3)
+                + np.int32(a <= _B4)
+                + np.int32(a < _B5)
+                + np.int32(a <= _B6)
+            )
+            c += np.int32(8) * np.int32(x < _F_ZERO)
+            codes[b * 16 + i] = np.uint8(c)
+    # 5. pack: as little-endian uint16, pair j is lo | hi << 8 (both < 16); lo | hi << 4 is its byte
+    pairs = codes.view(np.uint16)
+    for j in range(k // 2):
+        p = pairs[j]
+        packed[j] = np.uint8((p | (p >> np.uint16(4))) & np.uint16(0xFF))
 
 
-@_jit(parallel=True)
-def _quantize_f32(w, packed, scales, ws2, six_ws2, dec):
-    u = w.view(np.uint32)
-    for r in prange(w.shape[0]):
-        _quant_row(w[r], u[r], packed[r], scales[r], ws2, six_ws2, dec)
+@_jit()
+def _quantize_f32(w, packed, scales, ws2, six_ws2):
+    """Rows of a float32 ``w``; ``packed``/``scales`` are the matching output rows."""
+    rows, k = w.shape
+    wu = w.view(np.uint32)
+    blk = np.empty((2, k // 16), dtype=np.uint32)
+    blkf = blk.view(np.float32)
+    codes = np.empty(k, dtype=np.uint8)
+    for r in range(rows):
+        _quantize_row(w[r], wu[r], packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
 
 
-@_jit(parallel=True)
-def _quantize_bf16(w, packed, scales, ws2, six_ws2, dec):
-    k = w.shape[1]
-    for r in prange(w.shape[0]):
-        u = np.empty(k, dtype=np.uint32)
+@_jit()
+def _quantize_bf16(w, packed, scales, ws2, six_ws2):
+    """Rows of bf16 bit patterns ``w`` (uint16)."""
+    rows, k = w.shape
+    u = np.empty(k, dtype=np.uint32)
+    f = u.view(np.float32)
+    blk = np.empty((2, k // 16), dtype=np.uint32)
+    blkf = blk.view(np.float32)
+    codes = np.empty(k, dtype=np.uint8)
+    for r in range(rows):
         for i in range(k):
-            u[i] = np.uint32(w[r, i]) << np.uint32(16)
-        _quant_row(u.view(np.float32), u, packed[r], scales[r], ws2, six_ws2, dec)
+            u[i] = np.uint32(w[r, i]) << np.uint32(16)  # bf16 is the top half of a float32
+        _quantize_row(f, u, packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
 
 
-_NUMBA = None  # the numba module once loaded
+@_jit()
+def _quantize_f16(w, packed, scales, ws2, six_ws2, f16_bits):
+    """Rows of fp16 bit patterns ``w`` (uint16), widened through ``f16_bits`` (fp16 bits -> float32
+    bits for all 65536 patterns, made by torch's own conversion; faster here than bit manipulation)."""
+    rows, k = w.shape
+    u = np.empty(k, dtype=np.uint32)
+    f = u.view(np.float32)
+    blk = np.empty((2, k // 16), dtype=np.uint32)
+    blkf = blk.view(np.float32)
+    codes = np.empty(k, dtype=np.uint8)
+    for r in range(rows):
+        for i in range(k):
+            u[i] = f16_bits[w[r, i]]
+        _quantize_row(f, u, packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, threads, Python entry points
+# ---------------------------------------------------------------------------------------------------
+
+_NUMBA = None  # the numba module once the kernels are bound
 _LOAD_ERROR: str | None = None
 _LOAD_LOCK = threading.Lock()
-_RUN_LOCK = threading.Lock()
-_THREADS: int | None = None
-_DEC = (torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy())
+_CACHE_NOTE: str | None = None  # why compiled code is not cached on disk, if it is not
+
+_THREADS: int | None = None  # None: every CPU this process may run on
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+_CHUNKS_PER_THREAD = 4  # row chunks per thread, so a slow thread does not hold up the others
+_MIN_PARALLEL_ELEMENTS = 1 << 16  # below this a weight is quantized on the calling thread
+
+_SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
+_F16_BITS: np.ndarray | None = None
+
+
+def _f16_bits() -> np.ndarray:
+    """float32 bit pattern of every fp16 bit pattern (index = the fp16 bits as uint16), from torch."""
+    global _F16_BITS
+    if _F16_BITS is None:
+        patterns = torch.arange(65536, dtype=torch.int32).to(torch.int16)  # wraps to the same bits
+        _F16_BITS = patterns.view(torch.float16).float().view(torch.int32).numpy().view(np.uint32).copy()
+    return _F16_BITS
 
 
 def _load() -> str | None:
-    """Import numba and compile-bind the kernels once; returns why not, or None."""
-    global _NUMBA, _LOAD_ERROR, prange
+    """Import numba and bind the kernels (once); returns why that failed, or None."""
+    global _NUMBA, _LOAD_ERROR, _CACHE_NOTE
     if _NUMBA is not None or _LOAD_ERROR is not None:
         return _LOAD_ERROR
     with _LOAD_LOCK:
         if _NUMBA is not None or _LOAD_ERROR is not None:
             return _LOAD_ERROR
+        if sys.byteorder != "little":
+            _LOAD_ERROR = "the cpu kernels assume a little-endian machine"
+            return _LOAD_ERROR
         try:
             import numba
-        except Exception as exc:  # ImportError, or numba refusing this numpy version
+        except Exception as exc:  # ImportError, or numba rejecting the installed numpy
             _LOAD_ERROR = f"numba cannot be imported ({type(exc).__name__}: {exc})"
             return _LOAD_ERROR
         g = globals()
-        g["prange"] = numba.prange
         for name, options in _JIT_SPECS:
             fn = g[name]
             try:
                 g[name] = numba.njit(cache=True, fastmath=False, nogil=True, **options)(fn)
-            except RuntimeError:  # no writable cache location: compile in memory each run
-                g[name] = numba.njit(fastmath=False, nogil=True, **options)(fn)
+            except RuntimeError as exc:  # no writable cache location: compile in memory each run
+                _CACHE_NOTE = str(exc)
+                g[name] = numba.njit(cache=False, fastmath=False, nogil=True, **options)(fn)
         _NUMBA = numba
     return None
+
+
+def available() -> str | None:
+    """None when the backend can run here, else the reason it cannot."""
+    return _load()
+
+
+def _require() -> None:
+    why_not = _load()
+    if why_not:
+        raise RuntimeError(f"cpu backend unavailable: {why_not}")
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(n: int | None) -> None:
+    """Threads the kernels use from now on; ``None`` or ``n <= 0`` means every CPU this process may use.
+
+    Only this backend's kernels are affected (``amax`` runs on torch's own thread pool).
+    """
+    global _THREADS
+    _THREADS = None if n is None or n <= 0 else int(n)
+
+
+def threads() -> int:
+    """Threads the next quantize call will use."""
+    return _THREADS or _cpu_count()
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or _POOL_SIZE != n:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvfp4-cpu")
+            _POOL_SIZE = n
+        return _POOL
+
+
+def _bits(weight: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous 16-bit CPU tensor's bit patterns."""
+    return weight.view(torch.int16).numpy().view(np.uint16)
+
+
+def _run(kernel, w: np.ndarray, packed: np.ndarray, scales: np.ndarray, consts: tuple) -> None:
+    """Run ``kernel`` over row chunks of ``w`` on the pool (the kernels release the GIL)."""
+    rows, k = w.shape
+    n = threads()
+    if n == 1 or rows * k < _MIN_PARALLEL_ELEMENTS:
+        kernel(w, packed, scales, *consts)
+        return
+    want = _CHUNKS_PER_THREAD * n
+    # Too few rows to share out: blocks are independent and the outputs are row-major, so [R, K] can
+    # be treated as [R * m, K / m] (with K / m still whole blocks) at no cost.
+    m = 1
+    while rows * m < want and (k // m) % (2 * BLOCK) == 0 and k // m >= 2048:
+        m *= 2
+    if m > 1:
+        rows, k = rows * m, k // m
+        w, packed, scales = w.reshape(rows, k), packed.reshape(rows, k // 2), scales.reshape(rows, k // BLOCK)
+    chunks = min(rows, want)
+    cuts = [rows * c // chunks for c in range(chunks + 1)]
+    pool = _pool(n)
+    jobs = [pool.submit(kernel, w[a:b], packed[a:b], scales[a:b], *consts) for a, b in zip(cuts[:-1], cuts[1:])]
+    for job in jobs:
+        job.result()
+
+
+def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize rows of ``weight`` ``[R, K]`` (bf16/fp16/fp32) against the float32 global scale ``ws2``.
+
+    Same contract and same bits as :func:`reference.quantize`: packed codes ``uint8 [R, K/2]`` (element
+    2j in the low nibble) and block scales ``float8_e4m3fn [R, K/16]``, contiguous CPU tensors. Other
+    dtypes are handed to the reference.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(weight.shape)}")
+    rows, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"K must be a multiple of {BLOCK}, got {k}")
+    ws2 = torch.as_tensor(ws2).detach().to(device="cpu", dtype=torch.float32).reshape(())
+    if weight.dtype not in _SUPPORTED:
+        return reference.quantize(weight.detach().cpu(), ws2)
+    _require()
+    weight = weight.detach().cpu().contiguous()
+    six_ws2 = E2M1_MAX * ws2  # rounded to float32 exactly as the reference rounds it
+    packed = np.empty((rows, k // 2), dtype=np.uint8)
+    scales = np.empty((rows, k // BLOCK), dtype=np.uint8)
+    if rows and k:
+        consts = (np.float32(ws2.item()), np.float32(six_ws2.item()))
+        if weight.dtype == torch.float32:
+            kernel, w = _quantize_f32, weight.numpy()
+        elif weight.dtype == torch.bfloat16:
+            kernel, w = _quantize_bf16, _bits(weight)
+        else:
+            kernel, w, consts = _quantize_f16, _bits(weight), (*consts, _f16_bits())
+        _run(kernel, w, packed, scales, consts)
+    return torch.from_numpy(packed), torch.from_numpy(scales).view(torch.float8_e4m3fn)
+
+
+def amax(weight: torch.Tensor) -> torch.Tensor:
+    """max|weight| as a float32 0-dim tensor, equal to the reference's (NaN if any element is NaN).
+
+    ``max(|min|, |max|)`` from one ``aminmax`` pass: the same value as ``abs().amax()`` without the
+    temporary copy, several times faster.
+    """
+    if weight.dtype not in _SUPPORTED or weight.numel() == 0:
+        return reference.amax(weight)
+    lo, hi = torch.aminmax(weight.detach())
+    return torch.maximum(lo.abs(), hi.abs()).float()
+
+
+def warm_up(dtypes: tuple[torch.dtype, ...] = _SUPPORTED) -> float:
+    """Compile (or load from the on-disk cache) the kernels for ``dtypes``; returns the seconds spent."""
+    start = time.perf_counter()
+    _require()
+    for dtype in dtypes:
+        w = torch.ones(2, BLOCK, dtype=dtype)
+        quantize(w, amax(w) / (E2M1_MAX * E4M3_MAX))
+    return time.perf_counter() - start
+
+
+_BACKEND = register(
+    Backend(
+        name="cpu",
+        quantize=quantize,
+        amax=amax,
+        exact=True,
+        device="cpu",
+        available=available,
+        priority=10,
+        description="numba, multi-threaded, bit-exact with the reference (bf16/fp16/fp32)",
+        set_threads=set_threads,
+    )
+)

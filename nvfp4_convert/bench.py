@@ -1,0 +1,299 @@
+"""Quantize throughput of every backend on this machine, against the reference measured in the same run.
+
+Each timed call is what the converter does for one weight: ``ws2 = global_scale(amax(W))`` then
+``quantize(W, ws2)``. Throughput is reported in GB/s of *input* (``R * K * itemsize``).
+
+CPU: wall-clock median of ``repeats`` calls after one untimed warm-up call (which includes any JIT
+compilation; its time is reported as ``first_call_s``). The reference is slow, so it is timed on at most
+two calls, with no warm-up, and not at all above ``REFERENCE_MAX_ELEMENTS`` elements; its throughput
+hardly depends on the shape, so larger shapes state the ratio against the largest shape it did run,
+labelled as such.
+
+CUDA: inputs live on the GPU, in enough rotating buffers that each call reads a weight that is not in L2;
+``torch.cuda.Event`` pairs time each call (outputs are copied to the host as the Backend contract says,
+so that copy is included), and the median is reported. The baseline is the reference run on the GPU.
+
+Run ``python -m nvfp4_convert.bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import kernels
+from .kernels import cpu as cpu_kernels
+from .kernels import reference
+from .kernels.common import global_scale
+
+DEFAULT_SHAPES: list[tuple[int, int]] = [(2048, 2048), (4096, 4096), (8192, 8192)]
+REFERENCE_MAX_ELEMENTS = 4096 * 4096  # CPU only: ~0.5 s per reference call on 2 cores
+REFERENCE_REPEATS = 2
+_CUDA_ROTATION_BYTES_CAP = 4 << 30  # rotating input buffers never take more GPU memory than this
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+FIELDS = ["backend", "device", "dtype", "rows", "cols", "repeats", "median_s", "min_s", "gbps",
+          "speedup_vs_reference", "reference_basis", "first_call_s", "exact", "note"]
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of bfloat16, float16, float32") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _make_weight(rows: int, cols: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    """A weight-like tensor: normal values with a spread of row magnitudes (deterministic)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(rows, cols, generator=gen, device=device)
+    w *= 0.02 * torch.exp2(torch.randn(rows, 1, generator=gen, device=device))
+    return w.to(dtype)
+
+
+def _step(amax: Callable, quantize: Callable) -> Callable[[torch.Tensor], object]:
+    return lambda w: quantize(w, global_scale(amax(w)))
+
+
+def _time_cpu(step: Callable, w: torch.Tensor, repeats: int, warm_up: bool) -> tuple[list[float], float | None]:
+    first = None
+    if warm_up:
+        start = time.perf_counter()
+        step(w)
+        first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step(w)
+        times.append(time.perf_counter() - start)
+    return times, first
+
+
+def _cuda_inputs(rows: int, cols: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Enough copies of the input that cycling through them keeps each call's weight out of L2."""
+    one = _make_weight(rows, cols, dtype, "cuda", seed)
+    nbytes = one.numel() * one.element_size()
+    l2 = getattr(torch.cuda.get_device_properties(one.device), "L2_cache_size", 64 << 20)
+    count = max(2, math.ceil(2 * l2 / max(nbytes, 1)) + 1)
+    count = max(2, min(count, 64, _CUDA_ROTATION_BYTES_CAP // max(nbytes, 1)))
+    return [one] + [one.clone() for _ in range(count - 1)]
+
+
+def _time_cuda(step: Callable, inputs: list[torch.Tensor], repeats: int, warm_up: bool) -> tuple[list[float], float | None]:
+    first = None
+    if warm_up:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step(inputs[0])
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+    times = []
+    for i in range(repeats):
+        w = inputs[(i + 1) % len(inputs)]
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        begin.record()
+        step(w)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end) / 1e3)
+    return times, first
+
+
+def _measure(base: dict, inputs: list[torch.Tensor], name: str, amax: Callable, quantize: Callable, repeats: int,
+             *, warm_up: bool, exact: bool, note: str = "") -> dict:
+    step = _step(amax, quantize)
+    if base["device"] == "cpu":
+        times, first = _time_cpu(step, inputs[0], repeats, warm_up)
+    else:
+        times, first = _time_cuda(step, inputs, repeats, warm_up)
+    median = statistics.median(times)
+    nbytes = inputs[0].numel() * inputs[0].element_size()
+    return {**base, "backend": name, "repeats": repeats, "median_s": median, "min_s": min(times),
+            "gbps": nbytes / median / 1e9, "first_call_s": first, "exact": exact, "note": note}
+
+
+def _add_speedups(results: list[dict]) -> None:
+    """Speedup against the reference at the same shape, or else at the largest shape it ran."""
+    measured = {(r["rows"], r["cols"]): r["gbps"] for r in results if r["backend"] == "reference" and "gbps" in r}
+    if not measured:
+        return
+    largest = max(measured, key=lambda shape: shape[0] * shape[1])
+    for r in results:
+        if "gbps" not in r:
+            continue
+        shape = (r["rows"], r["cols"])
+        basis = shape if shape in measured else largest
+        r["speedup_vs_reference"] = r["gbps"] / measured[basis]
+        r["reference_basis"] = "measured" if basis == shape else f"reference GB/s at {basis[0]}x{basis[1]}"
+
+
+def _reference_quantize(device: str) -> Callable:
+    """The reference's quantize; on CUDA it also copies its outputs to the host, as backends must."""
+    if device == "cpu":
+        return reference.quantize
+    return lambda w, ws2: tuple(t.cpu() for t in reference.quantize(w, ws2))
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    return "" if ratio is None else f"{ratio:,.1f}x"
+
+
+def run_bench(
+    *,
+    device: str = "cpu",
+    backends: list[str] | None = None,
+    shapes: list[tuple[int, int]] | None = None,
+    dtype: str = "bfloat16",
+    repeats: int = 5,
+    csv_path: Path | None = None,
+    out: Callable[[str], object] = print,
+) -> list[dict]:
+    """Time ``amax`` + ``quantize`` of each backend on ``device`` for each ``[R, K]`` shape.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"``: which backends run, and where the inputs live.
+        backends: names to time (default: every backend registered for ``device``); the reference is
+            always timed too, as the baseline of the speedup column.
+        shapes: ``(R, K)`` pairs, K a multiple of 16 (default :data:`DEFAULT_SHAPES`).
+        dtype: input dtype, ``bfloat16``, ``float16`` or ``float32``.
+        repeats: timed calls per backend and shape (the median is reported).
+        csv_path: also write the rows there as CSV.
+        out: where the table's lines go.
+
+    Returns:
+        One dict per (backend, shape) with the keys in :data:`FIELDS`.
+    """
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+    torch_dtype = _dtype(dtype)
+    shapes = list(shapes or DEFAULT_SHAPES)
+    for rows, cols in shapes:
+        if rows < 1 or cols < 16 or cols % 16:
+            raise ValueError(f"shape {rows}x{cols}: need R >= 1 and K a positive multiple of 16")
+    repeats = max(1, int(repeats))
+    names = backends or [b.name for b in sorted(kernels.backends().values(), key=lambda b: -b.priority)
+                         if b.device == device and b.name != "reference"]
+    chosen = [kernels.get_backend(n) for n in names if n != "reference"]  # KeyError for unknown names
+
+    if device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        where = (f"cpu: {cores} usable cores, torch threads {torch.get_num_threads()}, "
+                 f"cpu backend threads {cpu_kernels.threads()}")
+    else:
+        where = f"cuda: {torch.cuda.get_device_name()}"
+    out(f"nvfp4 quantize benchmark: {where}; dtype {_dtype_name(torch_dtype)}; amax + quantize per call; "
+        f"median of {repeats} (reference: {REFERENCE_REPEATS if device == 'cpu' else repeats})")
+
+    results: list[dict] = []
+    for seed, (rows, cols) in enumerate(shapes):
+        base = {"device": device, "dtype": _dtype_name(torch_dtype), "rows": rows, "cols": cols}
+        if device == "cpu":
+            inputs = [_make_weight(rows, cols, torch_dtype, "cpu", seed)]
+        else:
+            inputs = _cuda_inputs(rows, cols, torch_dtype, seed)
+        # the baseline first: the reference (on the GPU for device="cuda")
+        if device == "cuda" or rows * cols <= REFERENCE_MAX_ELEMENTS:
+            reps = min(repeats, REFERENCE_REPEATS) if device == "cpu" else repeats
+            note = "pure torch" + (" on cuda, outputs copied to the host" if device == "cuda" else "")
+            row = _measure(base, inputs, "reference", reference.amax, _reference_quantize(device), reps,
+                           warm_up=device == "cuda", exact=True, note=note)
+        else:
+            row = {**base, "backend": "reference", "note": f"not run above {REFERENCE_MAX_ELEMENTS:,} elements (too slow)"}
+        results.append(row)
+        for backend in chosen:
+            if backend.device != device:
+                results.append({**base, "backend": backend.name, "note": f"skipped: runs on {backend.device}"})
+                continue
+            why_not = backend.available()
+            if why_not:
+                results.append({**base, "backend": backend.name, "note": f"unavailable: {why_not}"})
+                continue
+            try:
+                row = _measure(base, inputs, backend.name, backend.amax, backend.quantize, repeats,
+                               warm_up=True, exact=backend.exact)
+            except Exception as exc:  # one broken backend must not end the whole run
+                row = {**base, "backend": backend.name, "note": f"failed: {type(exc).__name__}: {exc}"[:200]}
+            results.append(row)
+        del inputs
+    _add_speedups(results)
+
+    _print_table(results, out)
+    if any(r.get("reference_basis", "measured") != "measured" for r in results):
+        out("(*) speedup against the reference's GB/s at the largest shape it ran, in this same run")
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(results)
+        out(f"wrote {csv_path}")
+    return results
+
+
+def _print_table(results: list[dict], out: Callable[[str], object]) -> None:
+    header = f"{'backend':<22} {'shape':>11} {'median ms':>10} {'GB/s':>8} {'vs reference':>13} {'first call s':>12}  note"
+    out(header)
+    out("-" * len(header))
+    for r in results:
+        shape = f"{r['rows']}x{r['cols']}"
+        if "median_s" not in r:
+            out(f"{r['backend']:<22} {shape:>11} {'':>10} {'':>8} {'':>13} {'':>12}  {r.get('note', '')}")
+            continue
+        ratio = _fmt_ratio(r.get("speedup_vs_reference"))
+        if ratio and r.get("reference_basis", "measured") != "measured":
+            ratio += "*"
+        first = "" if r.get("first_call_s") is None else f"{r['first_call_s']:.2f}"
+        note = r.get("note", "") + ("" if r.get("exact", True) else " (approximate)")
+        out(f"{r['backend']:<22} {shape:>11} {r['median_s'] * 1e3:>10.1f} {r['gbps']:>8.3f} {ratio:>13} {first:>12}  {note}")
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    rows, _, cols = text.lower().partition("x")
+    return int(rows), int(cols)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m nvfp4_convert.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--backends", default=None, help="comma-separated backend names (default: all for the device)")
+    parser.add_argument("--shapes", default=None, help="comma-separated RxK, e.g. 4096x4096,8192x8192")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--csv", type=Path, default=None, help="also write the results as CSV")
+    args = parser.parse_args(argv)
+    try:
+        shapes = [_parse_shape(s) for s in args.shapes.split(",")] if args.shapes else None
+        return run_bench(
+            device=args.device,
+            backends=args.backends.split(",") if args.backends else None,
+            shapes=shapes,
+            dtype=args.dtype,
+            repeats=args.repeats,
+            csv_path=args.csv,
+        )
+    except (KeyError, ValueError, RuntimeError) as exc:
+        parser.exit(2, f"error: {str(exc).strip(chr(34))}\n")
+
+
+if __name__ == "__main__":
+    main()
