@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -99,7 +98,7 @@ def io_floor(src: Path, scratch: Path) -> tuple[float, float]:
     for shard in sorted(src.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             for key in f.keys():
-                f.get_tensor(key).view(-1)[::4096].sum()  # touch the data
+                f.get_tensor(key).clone()  # safetensors maps lazily: make it really read
     read = time.perf_counter() - started
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -149,13 +148,19 @@ def main() -> None:
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     read, write = io_floor(src, args.dir / "floor")
     q, backend = quantize_only(src, args.backend)
-    cmd = [sys.executable, "-m", "nvfp4_convert", str(src), str(out), "--no-progress"]
+    # The child reports its own peak RSS (VmHWM): ru_maxrss would include this process's memory at fork.
+    child = ("import re, sys\nfrom nvfp4_convert.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
+             "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
+             "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n")
+    cmd = [sys.executable, "-c", child, str(src), str(out), "--no-progress"]
     if args.backend:
         cmd += ["--backend", args.backend]
     started = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    run = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
     convert_s = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    if run.returncode:
+        sys.exit(run.stderr)
+    peak = int(run.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) * 1024
     largest = max(t.nbytes for p in src.glob("*.safetensors") for t in read_header(p).tensors.values())
     floor = read + write
     print(f"source {total / 1e9:.2f} GB, largest tensor T = {largest / 1e6:.0f} MB, backend {backend}")

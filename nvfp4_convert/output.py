@@ -7,24 +7,16 @@ shards; config files come last, so a folder without ``config.json`` is never a f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from .errors import ConvertError
+from .safetensors_io import shard_digest
 
 STATE_DIR = ".nvfp4-convert"
 FINAL_FILES = ("config.json", "hf_quant_config.json", "model.safetensors.index.json")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 1024 * 1024):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -109,15 +101,19 @@ class OutputDir:
         path = self.path / filename
         if expected is None or not path.is_file():
             return False
-        if verify and sha256_file(path) != expected:
+        try:
+            intact = not verify or shard_digest(path) == expected
+        except ConvertError:  # not even a readable header any more
+            intact = False
+        if not intact:
             del self.state["shards"][filename]
             self._save()
             return False
         return True
 
-    def record(self, filename: str) -> None:
-        """Remember that ``filename`` is complete (by its sha256)."""
-        self.state["shards"][filename] = sha256_file(self.path / filename)
+    def record(self, filename: str, digest: str) -> None:
+        """Remember that ``filename`` is complete, with its :func:`shard_digest`."""
+        self.state["shards"][filename] = digest
         self._save()
 
     def mark_complete(self, info: dict) -> None:

@@ -1,9 +1,9 @@
-"""Executing a plan: source shards in, output shards out, with reading, compute and flushing overlapped.
+"""Executing a plan: source shards in, output shards out, with reading, compute and writing overlapped.
 
-One reader thread loads the next units (whole tensors, into pinned memory for GPU backends) while the
-main thread quantizes and writes the current one; finished shards are flushed, hashed and recorded
-by a committer thread while the next shard is produced. Memory stays within about twice the largest
-tensor: units that would not fit are streamed in row chunks instead (two passes over the file).
+Source tensors are memory-mapped, not copied. A reader thread maps and faults in the next units while
+the main thread quantizes the current one; a writer thread writes (and hashes) the results, then
+renames and records each finished shard. Memory stays within about twice the largest
+tensor: a unit that would not fit is mapped one tensor at a time and faulted in as it is computed.
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from .kernels import Backend
 from .kernels.common import global_scale
 from .output import OutputDir
 from .plan import OutputShard, Plan, Unit
-from .safetensors_io import ShardWriter, read_rows, read_tensor, read_tensor_bytes
+from .safetensors_io import ShardWriter, map_tensor
 from .sources import Source
 
 CHUNK_BYTES = 32 * 1024 * 1024
+WRITE_QUEUE_BYTES = 256 * 1024 * 1024  # results waiting for the writer thread
 _ONE = torch.tensor(1.0, dtype=torch.float32)
 
 
@@ -40,7 +41,6 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
     sizes = [sum(plan.tensors[t].info.nbytes for t in unit_tensors(u)) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
     budget = max(2 * largest, 256 * 1024 * 1024)
-    pinned = backend.device == "cuda" and torch.cuda.is_available()
 
     # Source shards are held from the first unit that reads them to the last one, so the disk holds
     # only what the units in flight need plus one prefetched shard.
@@ -57,8 +57,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
     in_flight = 0
     next_pos = 0
     reader = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-read")
-    committer = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-commit")
-    commits: list[Future] = []
+    writes = _Writes(limit=WRITE_QUEUE_BYTES)
     writer: ShardWriter | None = None
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="converting", disable=not progress,
                dynamic_ncols=True)
@@ -77,7 +76,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
                     acquired[s] = source.acquire(s)
             paths = {s: acquired[s] for s in unit.sources}
             whole = sizes[next_pos] <= budget
-            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole, pinned)))
+            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole)))
             in_flight += sizes[next_pos]
             next_pos += 1
         upcoming = next((s for s in need_order if s not in acquired and last_use[s] >= next_pos), None)
@@ -92,85 +91,108 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
             _, future = pending.popleft()
             loaded = future.result()
             submit_ahead(may_acquire=False)  # keep the reader busy while this unit is computed
-            _process(unit, plan, loaded, {s: acquired[s] for s in unit.sources}, writer, backend)
+            _process(unit, plan, loaded, {s: acquired[s] for s in unit.sources}, writer, writes, backend)
+            del loaded
             in_flight -= sizes[pos]
             bar.update(sizes[pos])
+            if pos + 1 == len(steps) or steps[pos + 1][0] != i:
+                finished, writer = writer, None
+                writes.submit(_commit, finished, output, shards[i].filename, nbytes=0)
+            writes.check()
             for s in [s for s in acquired if last_use[s] <= pos]:
+                writes.drain()  # the source bytes of kept tensors may still be queued for writing
                 source.release(s)
                 del acquired[s]
-            if pos + 1 == len(steps) or steps[pos + 1][0] != i:
-                commits.append(committer.submit(_commit, writer, output, shards[i].filename))
-                writer = None
-                for done in [c for c in commits if c.done()]:
-                    done.result()
-        for c in commits:
-            c.result()
+        writes.drain()
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
-        committer.shutdown(wait=True)
+        writes.close()
         if writer is not None:
             writer.abort()
         bar.close()
 
 
+class _Writes:
+    """A writer thread with back-pressure: at most ``limit`` bytes wait to be written."""
+
+    def __init__(self, *, limit: int):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-write")
+        self.queue: deque[tuple[Future, int]] = deque()
+        self.limit, self.waiting = limit, 0
+
+    def submit(self, fn, *args, nbytes: int) -> None:
+        while self.queue and self.waiting + nbytes > self.limit:
+            self._pop()
+        self.queue.append((self.pool.submit(fn, *args), nbytes))
+        self.waiting += nbytes
+
+    def _pop(self) -> None:
+        future, nbytes = self.queue.popleft()
+        self.waiting -= nbytes
+        future.result()
+
+    def check(self) -> None:
+        while self.queue and self.queue[0][0].done():
+            self._pop()
+
+    def drain(self) -> None:
+        while self.queue:
+            self._pop()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _commit(writer: ShardWriter, output: OutputDir, filename: str) -> None:
-    writer.commit()
-    output.record(filename)
+    writer.commit()  # all its writes came before, on this same thread
+    output.record(filename, writer.digest())
 
 
-def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool, pinned: bool) -> dict[str, torch.Tensor] | None:
-    """Read a unit's tensors into memory (or nothing, if it is to be streamed in chunks)."""
+def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool) -> dict[str, torch.Tensor] | None:
+    """Map a unit's tensors and fault them in (or nothing, if the unit is too large to hold at once)."""
     if not whole:
         return None
-    loaded = {}
-    for name in unit_tensors(unit):
-        t = plan.tensors[name]
-        loaded[name] = read_tensor(paths[t.shard], plan.headers[t.shard], name, pin_memory=pinned and not unit.kept)
-    return loaded
+    return {name: map_tensor(paths[plan.tensors[name].shard], plan.headers[plan.tensors[name].shard], name)
+            for name in unit_tensors(unit)}
 
 
-def _chunks(name: str, plan: Plan, paths: dict[str, Path], loaded: dict | None) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first_row, rows)`` chunks of a 2-D weight, from memory or streamed from its shard."""
+def _tensor(name: str, plan: Plan, paths: dict[str, Path], loaded: dict | None) -> torch.Tensor:
     t = plan.tensors[name]
-    rows = t.info.shape[0]
-    step = max(1, CHUNK_BYTES // max(t.info.nbytes // max(rows, 1), 1))
+    return loaded[name] if loaded is not None else map_tensor(paths[t.shard], plan.headers[t.shard], name)
+
+
+def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, rows)`` chunks of a 2-D weight, so temporaries stay small."""
+    rows = weight.shape[0]
+    step = max(1, CHUNK_BYTES // max(weight[:1].numel() * weight.element_size(), 1))
     for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        if loaded is not None:
-            yield start, loaded[name][start:stop]
-        else:
-            yield start, read_rows(paths[t.shard], plan.headers[t.shard], name, start, stop)
+        yield start, weight[start : start + step]
 
 
 def _process(unit: Unit, plan: Plan, loaded: dict | None, paths: dict[str, Path], writer: ShardWriter,
-             backend: Backend) -> None:
+             writes: _Writes, backend: Backend) -> None:
     if unit.kept:
-        if loaded is not None:
-            writer.write(unit.kept, loaded[unit.kept])
-            return
-        t = plan.tensors[unit.kept]
-        for start in range(0, t.info.nbytes, CHUNK_BYTES):
-            stop = min(t.info.nbytes, start + CHUNK_BYTES)
-            writer.write(unit.kept, read_tensor_bytes(paths[t.shard], plan.headers[t.shard], unit.kept, start, stop),
-                         at=start)
+        data = _tensor(unit.kept, plan, paths, loaded)
+        writes.submit(writer.write, unit.kept, data, nbytes=data.numel() * data.element_size())
         return
     group_amax = torch.tensor(0.0)
     for module in unit.modules:
         name = f"{module}.weight"
         amax = torch.tensor(0.0)
-        for _, w in _chunks(name, plan, paths, loaded):
+        for _, w in _chunks(_tensor(name, plan, paths, loaded)):
             amax = torch.maximum(amax, backend.amax(w).cpu())
         if not torch.isfinite(amax):
             raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
                                fix="Fix the source weights, or --exclude this module to keep it unquantized")
         group_amax = torch.maximum(group_amax, amax)
-    ws2 = global_scale(group_amax)
+    ws2 = global_scale(group_amax).reshape(())
     for module in unit.modules:
-        k = plan.quantized[module].info.shape[1]
-        for start, w in _chunks(f"{module}.weight", plan, paths, loaded):
+        weight = _tensor(f"{module}.weight", plan, paths, loaded)
+        k = weight.shape[1]
+        for start, w in _chunks(weight):
             packed, scales = backend.quantize(w, ws2)
-            writer.write(f"{module}.weight", packed, at=start * (k // 2))
-            writer.write(f"{module}.weight_scale", scales, at=start * (k // 16))
-        writer.write(f"{module}.weight_scale_2", ws2.reshape(()))
+            writes.submit(writer.write, f"{module}.weight", packed, start * (k // 2), nbytes=packed.numel())
+            writes.submit(writer.write, f"{module}.weight_scale", scales, start * (k // 16), nbytes=scales.numel())
+        writes.submit(writer.write, f"{module}.weight_scale_2", ws2, nbytes=4)
         if not plan.weight_only:
-            writer.write(f"{module}.input_scale", _ONE)
+            writes.submit(writer.write, f"{module}.input_scale", _ONE, nbytes=4)
