@@ -1,0 +1,188 @@
+"""CUDA backends against the reference, the self-check on real no-op kernels, scale layouts against
+FlashInfer, and the custom op under torch.compile / CUDA graphs. Skipped without a CUDA GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from nvfp4_convert import kernels
+from nvfp4_convert.kernels import Backend, reference, triton_kernel
+from nvfp4_convert.kernels.common import BLOCK, dequantize, global_scale
+from nvfp4_convert.kernels.layouts import swizzle_8x4, swizzle_128x4, unswizzle_128x4
+from nvfp4_convert.kernels.selfcheck import BackendRefused, prove
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+CUDA_BACKENDS = ["triton", "flashinfer-cuda", "flashinfer-cute-dsl"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SHAPES = [(1, 16), (7, 48), (129, 32), (128, 4096), (1000, 1040), (4096, 4096), (3, 65536)]
+HAVE_FLASHINFER = importlib.util.find_spec("flashinfer") is not None
+
+
+def _weight(rows: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Normal weights with per-row magnitudes over six decades, a zero block and a -0.0 block."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, k, generator=g) * torch.logspace(-3, 3, rows)[torch.randperm(rows, generator=g)][:, None]
+    w[0, :BLOCK] = 0.0
+    if rows > 1:
+        w[1, :BLOCK] = -0.0
+    return w.clamp(-6e4, 6e4).to(dtype)
+
+
+def _assert_same(got, want):
+    assert torch.equal(got[0].cpu(), want[0]), f"packed differ at {(got[0].cpu() != want[0]).sum().item()} bytes"
+    assert torch.equal(got[1].cpu().view(torch.uint8), want[1].view(torch.uint8)), "scales differ"
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_available_backends_pass_the_self_check(name):
+    backend = kernels.get_backend(name)
+    why_not = backend.available()
+    if why_not:
+        pytest.skip(why_not)
+    proof = prove(backend)
+    assert proof.exact == backend.exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_triton_matches_reference(shape, dtype):
+    w = _weight(*shape, dtype, seed=shape[0] * 7 + shape[1])
+    ws2 = global_scale(reference.amax(w))
+    want = reference.quantize(w, ws2)
+    _assert_same(triton_kernel.quantize(w, ws2), want)
+    packed, scales, got_ws2 = triton_kernel.quantize_device(w.cuda())  # fused amax, no host sync
+    assert got_ws2.item() == ws2.item()
+    _assert_same((packed, scales), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_amax_and_global_scale(dtype):
+    w = _weight(333, 4112, dtype, seed=3)
+    assert triton_kernel.amax_device(w.cuda()).item() == reference.amax(w).item()
+    _, _, ws2 = triton_kernel.quantize_device(torch.zeros(4, 64, dtype=dtype, device="cuda"))
+    assert ws2.item() == 1.0
+
+
+def test_triton_kernel_variants_agree_on_many_values():
+    """FMA-corrected reciprocal vs tl.div_rn, hardware vs software E4M3 rounding: same bytes on 64M values."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    w = torch.randn(8192, 8192, device="cuda", generator=g) * torch.rand(8192, 1, device="cuda", generator=g).pow(4)
+    w[::97] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 1024, device="cuda")  # ties: ws2 = 1
+    w = w.to(torch.bfloat16)
+    saved = dict(triton_kernel.CONFIG)
+    try:
+        outs = []
+        for variant in ({}, {"exact_div": True}, {"hw_fp8": False}):
+            triton_kernel.CONFIG.update(saved, **variant)
+            outs.append(triton_kernel.quantize_device(w, ws2=torch.ones((), device="cuda")))
+    finally:
+        triton_kernel.CONFIG.update(saved)
+    for other in outs[1:]:
+        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1].view(torch.uint8), other[1].view(torch.uint8))
+    rows = slice(0, 8192, 61)  # spot-check against the reference
+    _assert_same((outs[0][0][rows], outs[0][1][rows]), reference.quantize(w[rows].cpu(), outs[0][2].cpu()))
+
+
+def test_triton_strided_rows_and_second_view():
+    base = _weight(64, 1024, torch.bfloat16, seed=9)
+    view = base.cuda()[:, 256:768]  # rows 1024 apart, K = 512
+    ws2 = global_scale(reference.amax(view.cpu()))
+    _assert_same(triton_kernel.quantize_device(view, ws2=ws2.cuda())[:2], reference.quantize(view.cpu().contiguous(), ws2))
+
+
+def _noop_cuda(w, ws2):
+    rows, k = w.shape
+    packed = torch.empty(rows, k // 2, dtype=torch.uint8, device="cuda")
+    scales = torch.empty(rows, k // BLOCK, dtype=torch.uint8, device="cuda")
+    return packed.cpu(), scales.view(torch.float8_e4m3fn).cpu()
+
+
+def test_synthetic_noop_cuda_backend_is_refused():
+    noop = Backend(name="noop", quantize=_noop_cuda, amax=reference.amax, exact=True, device="cuda")
+    with pytest.raises(BackendRefused, match="outputs left untouched"):
+        prove(noop)
+
+
+@pytest.mark.skipif(not HAVE_FLASHINFER, reason="flashinfer is not installed")
+def test_flashinfer_cuda_below_sm100_is_unavailable_and_refused():
+    if torch.cuda.get_device_capability() >= (10, 0):
+        pytest.skip("FlashInfer's FP4 kernels run on this GPU")
+    backend = kernels.get_backend("flashinfer-cuda")
+    assert "silent no-op" in backend.available()
+    with pytest.raises(BackendRefused, match="outputs left untouched: backend did not write its output buffers"):
+        prove(backend)
+
+
+@pytest.mark.skipif(not HAVE_FLASHINFER, reason="flashinfer is not installed")
+@pytest.mark.parametrize("shape", [(1, 1), (129, 5), (256, 64), (300, 7), (4, 129, 6)], ids=str)
+def test_swizzle_128x4_equals_flashinfer_block_scale_interleave(shape):
+    import flashinfer
+
+    g = torch.Generator().manual_seed(sum(shape))
+    sf = torch.randint(1, 0x7F, shape, generator=g, dtype=torch.uint8).cuda()
+    ours = swizzle_128x4(sf)
+    assert torch.equal(flashinfer.block_scale_interleave(sf).reshape(-1), ours.reshape(-1))
+    assert torch.equal(unswizzle_128x4(ours, rows=shape[-2], cols=shape[-1]), sf)
+
+
+@pytest.mark.skipif(not HAVE_FLASHINFER, reason="flashinfer is not installed")
+@pytest.mark.parametrize("layout", ["linear", "128x4", "8x4"])
+def test_packing_and_layouts_dequantize_like_flashinfer(layout):
+    """FlashInfer's host dequantizer reads our codes and our (swizzled) scales to the same values."""
+    import flashinfer
+
+    w = _weight(133, 336, torch.bfloat16, seed=11).cuda()
+    packed, scales, ws2 = triton_kernel.quantize_device(w)
+    sf = {"linear": scales, "128x4": swizzle_128x4(scales), "8x4": swizzle_8x4(scales)}[layout]
+    got = flashinfer.e2m1_and_ufp8sf_scale_to_float(
+        packed.cpu(), sf.view(torch.uint8).reshape(-1).cpu(), ws2.reshape(1).cpu(), 16, 1,
+        layout != "linear", layout == "8x4",
+    )
+    assert torch.equal(got, dequantize(packed.cpu(), scales.cpu(), ws2.cpu()))
+
+
+def test_custom_op_fake_and_schema():
+    w = _weight(64, 256, torch.bfloat16, seed=13).cuda()
+    torch.library.opcheck(torch.ops.nvfp4_convert.quantize.default, (w, None), test_utils=("test_schema", "test_faketensor"))
+    ws2 = global_scale(reference.amax(w.cpu())).cuda()
+    torch.library.opcheck(torch.ops.nvfp4_convert.quantize.default, (w, ws2), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_custom_op_under_torch_compile_fullgraph():
+    w = _weight(256, 1024, torch.bfloat16, seed=17).cuda()
+
+    @torch.compile(fullgraph=True)
+    def quantize_scaled(x):
+        packed, scales, ws2 = torch.ops.nvfp4_convert.quantize(x * 2)
+        return packed, scales, ws2 * 1
+
+    got = quantize_scaled(w)
+    want = triton_kernel.quantize_device(w * 2)
+    _assert_same(got[:2], (want[0].cpu(), want[1].cpu()))
+    assert got[2].item() == want[2].item()
+
+
+def test_custom_op_in_a_cuda_graph():
+    static = _weight(512, 2048, torch.bfloat16, seed=19).cuda()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        triton_kernel.quantize_device(static)  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_kernel.quantize_device(static)
+    fresh = _weight(512, 2048, torch.bfloat16, seed=23).cuda()
+    static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    want = reference.quantize(fresh.cpu(), global_scale(reference.amax(fresh.cpu())))
+    _assert_same(out[:2], want)
+    assert out[2].item() == global_scale(reference.amax(fresh.cpu())).item()
