@@ -53,7 +53,8 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
     for i in range(layers):
         names.update(layer_tensors(i))
     names.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)})
-    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster there
+    gen = torch.Generator(device).manual_seed(0)
     shard, shard_bytes, index, total, shards = {}, 0, {}, 0, []
 
     def flush():
@@ -66,7 +67,7 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
             shard, shard_bytes = {}, 0
 
     for name, shape in names.items():
-        t = torch.randn(shape, generator=gen, dtype=torch.float32).to(torch.bfloat16) * 0.02
+        t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
         if shard_bytes + t.numel() * 2 > shard_size:
             flush()
         shard[name] = t

@@ -10,10 +10,11 @@ hardly depends on the shape, so larger shapes state the ratio against the larges
 labelled as such.
 
 CUDA: inputs live on the GPU, in enough rotating buffers that each call reads a weight that is not in L2;
-``torch.cuda.Event`` pairs time each call (outputs are copied to the host as the Backend contract says,
-so that copy is included), and the median is reported. The baseline is the reference run on the GPU.
+``torch.cuda.Event`` pairs time each call of the device entry point (outputs stay on the GPU), and the
+median is reported. The baseline is the reference run on the GPU. ``sweep=True`` covers every
+``M x K`` of :data:`SWEEP_ROWS` x :data:`SWEEP_COLS`.
 
-Run ``python -m nvfp4_convert.bench --help``.
+Run ``nvfp4-convert bench --help``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from .kernels import reference
 from .kernels.common import global_scale
 
 DEFAULT_SHAPES: list[tuple[int, int]] = [(2048, 2048), (4096, 4096), (8192, 8192)]
+SWEEP_ROWS = (1, 8, 32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+SWEEP_COLS = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 REFERENCE_MAX_ELEMENTS = 4096 * 4096  # CPU only: ~0.5 s per reference call on 2 cores
 REFERENCE_REPEATS = 2
 _CUDA_ROTATION_BYTES_CAP = 4 << 30  # rotating input buffers never take more GPU memory than this
@@ -45,7 +48,7 @@ _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }
 FIELDS = ["backend", "device", "dtype", "rows", "cols", "repeats", "median_s", "min_s", "gbps",
-          "speedup_vs_reference", "reference_basis", "first_call_s", "exact", "note"]
+          "speedup_vs_reference", "reference_basis", "first_call_s", "exact", "of_copy_bandwidth", "note"]
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -116,6 +119,14 @@ def _time_cuda(step: Callable, inputs: list[torch.Tensor], repeats: int, warm_up
     return times, first
 
 
+def _cuda_copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy (median of 10)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times, _ = _time_cuda(lambda _: dst.copy_(src), [src], 10, warm_up=True)
+    return 2 * nbytes / statistics.median(times)
+
+
 def _measure(base: dict, inputs: list[torch.Tensor], name: str, amax: Callable, quantize: Callable, repeats: int,
              *, warm_up: bool, exact: bool, note: str = "") -> dict:
     step = _step(amax, quantize)
@@ -144,13 +155,6 @@ def _add_speedups(results: list[dict]) -> None:
         r["reference_basis"] = "measured" if basis == shape else f"reference GB/s at {basis[0]}x{basis[1]}"
 
 
-def _reference_quantize(device: str) -> Callable:
-    """The reference's quantize; on CUDA it also copies its outputs to the host, as backends must."""
-    if device == "cpu":
-        return reference.quantize
-    return lambda w, ws2: tuple(t.cpu() for t in reference.quantize(w, ws2))
-
-
 def _fmt_ratio(ratio: float | None) -> str:
     return "" if ratio is None else f"{ratio:,.1f}x"
 
@@ -162,7 +166,9 @@ def run_bench(
     shapes: list[tuple[int, int]] | None = None,
     dtype: str = "bfloat16",
     repeats: int = 5,
+    sweep: bool = False,
     csv_path: Path | None = None,
+    plot_path: Path | None = None,
     out: Callable[[str], object] = print,
 ) -> list[dict]:
     """Time ``amax`` + ``quantize`` of each backend on ``device`` for each ``[R, K]`` shape.
@@ -174,7 +180,9 @@ def run_bench(
         shapes: ``(R, K)`` pairs, K a multiple of 16 (default :data:`DEFAULT_SHAPES`).
         dtype: input dtype, ``bfloat16``, ``float16`` or ``float32``.
         repeats: timed calls per backend and shape (the median is reported).
+        sweep: time every shape of :data:`SWEEP_ROWS` x :data:`SWEEP_COLS` instead of ``shapes``.
         csv_path: also write the rows there as CSV.
+        plot_path: also draw the speedups to this PNG (needs matplotlib).
         out: where the table's lines go.
 
     Returns:
@@ -185,7 +193,7 @@ def run_bench(
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' but torch sees no CUDA device")
     torch_dtype = _dtype(dtype)
-    shapes = list(shapes or DEFAULT_SHAPES)
+    shapes = [(m, k) for k in SWEEP_COLS for m in SWEEP_ROWS] if sweep else list(shapes or DEFAULT_SHAPES)
     for rows, cols in shapes:
         if rows < 1 or cols < 16 or cols % 16:
             raise ValueError(f"shape {rows}x{cols}: need R >= 1 and K a positive multiple of 16")
@@ -199,7 +207,8 @@ def run_bench(
         where = (f"cpu: {cores} usable cores, torch threads {torch.get_num_threads()}, "
                  f"cpu backend threads {cpu_kernels.threads()}")
     else:
-        where = f"cuda: {torch.cuda.get_device_name()}"
+        copy_bw = _cuda_copy_bandwidth()
+        where = f"cuda: {torch.cuda.get_device_name()}, device-to-device copy {copy_bw / 1e12:.2f} TB/s"
     out(f"nvfp4 quantize benchmark: {where}; dtype {_dtype_name(torch_dtype)}; amax + quantize per call; "
         f"median of {repeats} (reference: {REFERENCE_REPEATS if device == 'cpu' else repeats})")
 
@@ -213,8 +222,8 @@ def run_bench(
         # the baseline first: the reference (on the GPU for device="cuda")
         if device == "cuda" or rows * cols <= REFERENCE_MAX_ELEMENTS:
             reps = min(repeats, REFERENCE_REPEATS) if device == "cpu" else repeats
-            note = "pure torch" + (" on cuda, outputs copied to the host" if device == "cuda" else "")
-            row = _measure(base, inputs, "reference", reference.amax, _reference_quantize(device), reps,
+            note = "pure torch" + (" on cuda" if device == "cuda" else "")
+            row = _measure(base, inputs, "reference", reference.amax, reference.quantize, reps,
                            warm_up=device == "cuda", exact=True, note=note)
         else:
             row = {**base, "backend": "reference", "note": f"not run above {REFERENCE_MAX_ELEMENTS:,} elements (too slow)"}
@@ -228,13 +237,20 @@ def run_bench(
                 results.append({**base, "backend": backend.name, "note": f"unavailable: {why_not}"})
                 continue
             try:
-                row = _measure(base, inputs, backend.name, backend.amax, backend.quantize, repeats,
+                quantize = backend.quantize_device if device == "cuda" and backend.quantize_device else backend.quantize
+                row = _measure(base, inputs, backend.name, backend.amax, quantize, repeats,
                                warm_up=True, exact=backend.exact)
             except Exception as exc:  # one broken backend must not end the whole run
                 row = {**base, "backend": backend.name, "note": f"failed: {type(exc).__name__}: {exc}"[:200]}
             results.append(row)
         del inputs
     _add_speedups(results)
+    if device == "cuda":
+        for r in results:  # bytes read (weight) + written (codes, scales), against a plain copy
+            if "median_s" in r:
+                itemsize = torch.empty(0, dtype=torch_dtype).element_size()
+                moved = r["rows"] * r["cols"] * (itemsize + 0.5 + 1 / 16)
+                r["of_copy_bandwidth"] = moved / r["median_s"] / copy_bw
 
     _print_table(results, out)
     if any(r.get("reference_basis", "measured") != "measured" for r in results):
@@ -247,53 +263,46 @@ def run_bench(
             writer.writeheader()
             writer.writerows(results)
         out(f"wrote {csv_path}")
+    if plot_path is not None:
+        _plot(results, Path(plot_path))
+        out(f"wrote {plot_path}")
     return results
 
 
+def _plot(results: list[dict], path: Path) -> None:
+    """Speedup over the reference against rows M, one line per K, one panel per backend."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'nvfp4-convert[plot]'") from None
+    names = sorted({r["backend"] for r in results if r["backend"] != "reference" and "speedup_vs_reference" in r})
+    fig = Figure(figsize=(6 * max(len(names), 1), 4.5), layout="constrained")
+    for ax, name in zip(fig.subplots(1, max(len(names), 1), squeeze=False)[0], names):
+        rows = [r for r in results if r["backend"] == name and "speedup_vs_reference" in r]
+        for k in sorted({r["cols"] for r in rows}):
+            line = sorted((r["rows"], r["speedup_vs_reference"]) for r in rows if r["cols"] == k)
+            ax.plot(*zip(*line), marker="o", label=f"K={k}")
+        ax.set(xscale="log", yscale="log", xlabel="rows M", ylabel="speedup vs reference", title=name)
+        ax.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
 def _print_table(results: list[dict], out: Callable[[str], object]) -> None:
-    header = f"{'backend':<22} {'shape':>11} {'median ms':>10} {'GB/s':>8} {'vs reference':>13} {'first call s':>12}  note"
+    header = (f"{'backend':<22} {'shape':>11} {'median ms':>10} {'GB/s':>8} {'vs reference':>13} {'first call s':>12}"
+              f" {'of copy':>8}  note")
     out(header)
     out("-" * len(header))
     for r in results:
         shape = f"{r['rows']}x{r['cols']}"
         if "median_s" not in r:
-            out(f"{r['backend']:<22} {shape:>11} {'':>10} {'':>8} {'':>13} {'':>12}  {r.get('note', '')}")
+            out(f"{r['backend']:<22} {shape:>11} {'':>10} {'':>8} {'':>13} {'':>12} {'':>8}  {r.get('note', '')}")
             continue
         ratio = _fmt_ratio(r.get("speedup_vs_reference"))
         if ratio and r.get("reference_basis", "measured") != "measured":
             ratio += "*"
         first = "" if r.get("first_call_s") is None else f"{r['first_call_s']:.2f}"
         note = r.get("note", "") + ("" if r.get("exact", True) else " (approximate)")
-        out(f"{r['backend']:<22} {shape:>11} {r['median_s'] * 1e3:>10.1f} {r['gbps']:>8.3f} {ratio:>13} {first:>12}  {note}")
-
-
-def _parse_shape(text: str) -> tuple[int, int]:
-    rows, _, cols = text.lower().partition("x")
-    return int(rows), int(cols)
-
-
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(prog="python -m nvfp4_convert.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--backends", default=None, help="comma-separated backend names (default: all for the device)")
-    parser.add_argument("--shapes", default=None, help="comma-separated RxK, e.g. 4096x4096,8192x8192")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16, float16 or float32")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--csv", type=Path, default=None, help="also write the results as CSV")
-    args = parser.parse_args(argv)
-    try:
-        shapes = [_parse_shape(s) for s in args.shapes.split(",")] if args.shapes else None
-        return run_bench(
-            device=args.device,
-            backends=args.backends.split(",") if args.backends else None,
-            shapes=shapes,
-            dtype=args.dtype,
-            repeats=args.repeats,
-            csv_path=args.csv,
-        )
-    except (KeyError, ValueError, RuntimeError) as exc:
-        parser.exit(2, f"error: {str(exc).strip(chr(34))}\n")
-
-
-if __name__ == "__main__":
-    main()
+        copy = f"{r['of_copy_bandwidth']:.0%}" if "of_copy_bandwidth" in r else ""
+        out(f"{r['backend']:<22} {shape:>11} {r['median_s'] * 1e3:>10.3f} {r['gbps']:>8.3f} {ratio:>13} {first:>12}"
+            f" {copy:>8}  {note}")

@@ -148,14 +148,20 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     backend: Annotated[Optional[list[str]], typer.Option(help="Only these backends (repeatable).")] = None,
     dtype: Annotated[str, typer.Option(help="Input dtype: bfloat16, float16 or float32.")] = "bfloat16",
+    shape: Annotated[Optional[list[str]], typer.Option(help="Weight shape RxK to time (repeatable), e.g. 8192x8192.")] = None,
+    sweep: Annotated[bool, typer.Option(help="Time every M x K of M in 1..32768 and K in 128..16384.")] = False,
+    repeats: Annotated[int, typer.Option(help="Timed calls per shape (the median is shown).")] = 5,
     csv: Annotated[Optional[Path], typer.Option(help="Also write the results to this CSV file.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also plot the speedups to this PNG (needs matplotlib).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure quantize throughput of every available backend on a sweep of weight shapes."""
     from .bench import run_bench
 
     try:
-        run_bench(device=device, backends=backend, dtype=dtype, csv_path=csv, out=typer.echo)
+        shapes = [tuple(int(n) for n in s.lower().split("x")) for s in shape] if shape else None
+        run_bench(device=device, backends=backend, dtype=dtype, shapes=shapes, sweep=sweep, repeats=repeats,
+                  csv_path=csv, plot_path=plot, out=typer.echo)
     except (ConvertError, KeyboardInterrupt, Exception) as exc:
         _fail(exc, debug)
 

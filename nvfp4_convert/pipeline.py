@@ -1,7 +1,8 @@
 """Executing a plan: source shards in, output shards out, with reading, compute and writing overlapped.
 
-Source tensors are memory-mapped, not copied. A reader thread maps and faults in the next units while
-the main thread quantizes the current one; a writer thread writes (and hashes) the results, then
+Source tensors are memory-mapped, not copied. A reader thread maps and faults in the next units (and,
+for GPU backends, copies their weights to the device on a stream of its own) while the main thread
+quantizes the current one; a writer thread writes (and hashes) the results, then
 renames and records each finished shard. Memory stays within about twice the largest
 tensor: a unit that would not fit is mapped one tensor at a time and faulted in as it is computed.
 """
@@ -25,6 +26,7 @@ from .safetensors_io import ShardWriter, map_tensor
 from .sources import Source
 
 CHUNK_BYTES = 32 * 1024 * 1024
+GPU_CHUNK_BYTES = 1024 * 1024 * 1024
 WRITE_QUEUE_BYTES = 256 * 1024 * 1024  # results waiting for the writer thread
 _ONE = torch.tensor(1.0, dtype=torch.float32)
 
@@ -41,6 +43,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
     sizes = [sum(plan.tensors[t].info.nbytes for t in unit_tensors(u)) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
     budget = max(2 * largest, 256 * 1024 * 1024)
+    device = "cuda" if backend.device == "cuda" else None
 
     # Source shards are held from the first unit that reads them to the last one, so the disk holds
     # only what the units in flight need plus one prefetched shard.
@@ -76,7 +79,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
                     acquired[s] = source.acquire(s)
             paths = {s: acquired[s] for s in unit.sources}
             whole = sizes[next_pos] <= budget
-            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole)))
+            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole, device)))
             in_flight += sizes[next_pos]
             next_pos += 1
         upcoming = next((s for s in need_order if s not in acquired and last_use[s] >= next_pos), None)
@@ -148,12 +151,21 @@ def _commit(writer: ShardWriter, output: OutputDir, filename: str) -> None:
     output.record(filename, writer.digest())
 
 
-def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool) -> dict[str, torch.Tensor] | None:
-    """Map a unit's tensors and fault them in (or nothing, if the unit is too large to hold at once)."""
+def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool, device: str | None) -> dict | None:
+    """Map a unit's tensors and fault them in (or nothing, if the unit is too large to hold at once).
+
+    With a ``device``, the weights to quantize are copied there instead, on the reader's own stream.
+    """
     if not whole:
         return None
-    return {name: map_tensor(paths[plan.tensors[name].shard], plan.headers[plan.tensors[name].shard], name)
-            for name in unit_tensors(unit)}
+    loaded = {name: map_tensor(paths[plan.tensors[name].shard], plan.headers[plan.tensors[name].shard], name)
+              for name in unit_tensors(unit)}
+    if device and not unit.kept:
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            loaded = {name: t.to(device, non_blocking=False) for name, t in loaded.items()}
+        stream.synchronize()
+    return loaded
 
 
 def _tensor(name: str, plan: Plan, paths: dict[str, Path], loaded: dict | None) -> torch.Tensor:
@@ -162,9 +174,10 @@ def _tensor(name: str, plan: Plan, paths: dict[str, Path], loaded: dict | None) 
 
 
 def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first_row, rows)`` chunks of a 2-D weight, so temporaries stay small."""
+    """``(first_row, rows)`` chunks of a 2-D weight, so host temporaries stay small (GPU ones need not)."""
     rows = weight.shape[0]
-    step = max(1, CHUNK_BYTES // max(weight[:1].numel() * weight.element_size(), 1))
+    limit = GPU_CHUNK_BYTES if weight.is_cuda else CHUNK_BYTES
+    step = max(1, limit // max(weight[:1].numel() * weight.element_size(), 1))
     for start in range(0, rows, step):
         yield start, weight[start : start + step]
 

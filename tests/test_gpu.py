@@ -186,3 +186,32 @@ def test_custom_op_in_a_cuda_graph():
     want = reference.quantize(fresh.cpu(), global_scale(reference.amax(fresh.cpu())))
     _assert_same(out[:2], want)
     assert out[2].item() == global_scale(reference.amax(fresh.cpu())).item()
+
+
+@pytest.mark.gpu
+def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
+    """End to end on the GPU (Triton) versus the CPU: same bytes in every file."""
+    from safetensors.torch import save_file
+
+    from nvfp4_convert import convert
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(512, 256, generator=gen).to(torch.bfloat16)}
+    for i in range(2):
+        for name, shape in {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (64, 256), "self_attn.v_proj": (64, 256),
+                            "self_attn.o_proj": (256, 256), "mlp.gate_proj": (704, 256), "mlp.up_proj": (704, 256),
+                            "mlp.down_proj": (256, 704)}.items():
+            w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen) * 0.05
+            w[: shape[0] // 8, :16] = 0  # zero blocks
+            tensors[f"model.layers.{i}.{name}.weight"] = w.to(torch.bfloat16)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    cpu = convert(str(src), tmp_path / "cpu", backend="reference", max_shard_size="300KB", progress=False)
+    gpu = convert(str(src), tmp_path / "gpu", backend="triton", max_shard_size="300KB", progress=False)
+    assert gpu.backend == "triton" and cpu.backend == "reference"
+    files = sorted(p.name for p in (tmp_path / "cpu").iterdir() if p.is_file())
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    for name in files:
+        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "gpu" / name).read_bytes(), name

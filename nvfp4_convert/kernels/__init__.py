@@ -26,13 +26,14 @@ class Backend:
         name: what ``--backend`` calls it.
         quantize: ``(weight [R, K], ws2 float32 0-dim) -> (packed uint8 [R, K/2], scales fp8 [R, K/16])``;
             outputs are on the CPU.
-        amax: ``weight -> max|weight|`` as a float32 0-dim tensor.
+        amax: ``weight -> max|weight|`` as a float32 0-dim tensor on the weight's device.
         exact: whether it is bit-exact with the reference (approximate kernels are checked against a
             tolerance instead).
         device: ``"cpu"`` or ``"cuda"``: where it computes.
         available: returns ``None`` when usable here, else the reason it is not.
         priority: higher wins in automatic selection among available backends of the same device.
         set_threads: sets how many CPU threads it uses (``--threads``), for backends that have a say.
+        quantize_device: like ``quantize`` but leaves the outputs on the GPU (CUDA backends).
     """
 
     name: str
@@ -44,6 +45,7 @@ class Backend:
     priority: int = 0
     description: str = ""
     set_threads: Callable[[int], None] | None = None
+    quantize_device: QuantizeFn | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}

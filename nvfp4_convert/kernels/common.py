@@ -15,12 +15,10 @@ def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """``weight_scale_2`` (float32, 0-dim) for a group whose max|W| is ``amax``: ``amax / (6 * 448)``.
 
     An all-zero group would give 0 and then 0/0 block scales; it gets 1.0 instead, which dequantizes
-    the (all-zero) codes to exactly 0 as well.
+    the (all-zero) codes to exactly 0 as well. Stays on ``amax``'s device without a host sync.
     """
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    if amax.item() == 0:
-        return torch.tensor(1.0, dtype=torch.float32)
-    return amax / (E2M1_MAX * E4M3_MAX)
+    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+from functools import partial
 
 import torch
 
@@ -55,7 +56,7 @@ def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.
     scales_u8[rows, cols] = s.view(torch.uint8)[:, 0]
 
 
-def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str, to_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     import flashinfer
 
     w = (weight if weight.is_cuda else weight.to("cuda")).contiguous()
@@ -63,7 +64,7 @@ def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str) -> tuple
     rows, k = w.shape
     if w.dtype not in (torch.bfloat16, torch.float16):
         packed, scales = reference.quantize(w, ws2)
-        return packed.cpu(), scales.cpu()
+        return (packed.cpu(), scales.cpu()) if to_host else (packed, scales)
     kwargs = {}
     if "nvfp4_4over6" in inspect.signature(flashinfer.fp4_quantize).parameters:
         kwargs["nvfp4_4over6"] = None  # plain NVFP4; ignore FLASHINFER_NVFP4_4OVER6* in the environment
@@ -74,7 +75,8 @@ def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str) -> tuple
     packed = packed.view(torch.uint8).reshape(rows, k // 2)
     scales = sf.view(torch.uint8).reshape(-1)[: rows * (k // BLOCK)].reshape(rows, k // BLOCK).clone()
     _fix_unscaled_blocks(w, ws2, packed, scales)
-    return packed.cpu(), scales.view(torch.float8_e4m3fn).cpu()
+    scales = scales.view(torch.float8_e4m3fn)
+    return (packed.cpu(), scales.cpu()) if to_host else (packed, scales)
 
 
 def quantize_cuda(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,9 +90,9 @@ def quantize_cute_dsl(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Te
 
 
 def amax(weight: torch.Tensor) -> torch.Tensor:
-    """max|weight| computed on the GPU, as a float32 0-dim CPU tensor."""
+    """max|weight| computed on the GPU, as a float32 0-dim GPU tensor."""
     w = weight if weight.is_cuda else weight.to("cuda")
-    return reference.amax(w).cpu()
+    return reference.amax(w)
 
 
 def available_cuda() -> str | None:
@@ -113,6 +115,7 @@ register(
         available=available_cute_dsl,
         priority=300,
         description="FlashInfer CuTe-DSL fp4_quantize; Blackwell (SM100+); approximate reciprocal",
+        quantize_device=partial(_quantize, backend="cute-dsl", to_host=False),
     )
 )
 register(
@@ -125,5 +128,6 @@ register(
         available=available_cuda,
         priority=200,
         description="FlashInfer CUDA fp4_quantize; Blackwell (SM100+); approximate reciprocal",
+        quantize_device=partial(_quantize, backend="cuda", to_host=False),
     )
 )

@@ -283,16 +283,22 @@ def amax_device(weight: torch.Tensor) -> torch.Tensor:
     return amax_op(weight)
 
 
-def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Registry entry point: ``weight`` on the CPU or a GPU; outputs on the CPU."""
+def quantize_on_device(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``weight`` on the CPU or a GPU; outputs stay on the GPU."""
     dev = weight if weight.is_cuda else weight.to("cuda")
     packed, scales, _ = quantize_op(dev, ws2.to(dev.device))
+    return packed, scales
+
+
+def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry entry point: ``weight`` on the CPU or a GPU; outputs on the CPU."""
+    packed, scales = quantize_on_device(weight, ws2)
     return packed.cpu(), scales.cpu()
 
 
 def amax(weight: torch.Tensor) -> torch.Tensor:
-    """Registry amax: max|weight| as a float32 0-dim CPU tensor."""
-    return amax_op(weight if weight.is_cuda else weight.to("cuda")).cpu()
+    """Registry amax: max|weight| as a float32 0-dim tensor on the GPU."""
+    return amax_op(weight if weight.is_cuda else weight.to("cuda"))
 
 
 def available() -> str | None:
@@ -317,5 +323,6 @@ register(
         available=available,
         priority=100,
         description="Triton kernel, bit-exact with ModelOpt 0.47; any CUDA GPU of compute capability 8.0+",
+        quantize_device=quantize_on_device,
     )
 )
