@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -157,17 +158,21 @@ def main() -> None:
     if args.backend:
         cmd += ["--backend", args.backend]
     started = time.perf_counter()
-    run = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     convert_s = time.perf_counter() - started
     if run.returncode:
         sys.exit(run.stderr)
+    print(run.stdout, end="")
+    inside = float(re.search(r"done in ([0-9.]+) s", run.stdout).group(1))  # convert() itself
     peak = int(run.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) * 1024
     largest = max(t.nbytes for p in src.glob("*.safetensors") for t in read_header(p).tensors.values())
     floor = read + write
     print(f"source {total / 1e9:.2f} GB, largest tensor T = {largest / 1e6:.0f} MB, backend {backend}")
     print(f"I/O floor (read {read:.2f} s + write {write:.2f} s) = {floor:.2f} s; quantize alone {q:.2f} s")
-    print(f"convert: {convert_s:.2f} s = {convert_s / floor:.2f}x the I/O floor, "
+    print(f"convert, whole command: {convert_s:.2f} s = {convert_s / floor:.2f}x the I/O floor, "
           f"{convert_s / max(floor, q):.2f}x max(I/O floor, quantize); {total / convert_s / 1e9:.2f} GB/s")
+    print(f"convert, after interpreter start-up and imports ({convert_s - inside:.2f} s): {inside:.2f} s = "
+          f"{inside / floor:.2f}x the I/O floor, {inside / max(floor, q):.2f}x max(I/O floor, quantize)")
     print(f"peak RSS of the conversion: {peak / 1e9:.2f} GB (bound 3T + 1.5 GB = {(3 * largest + 1.5e9) / 1e9:.2f} GB)")
     if not args.keep:
         shutil.rmtree(args.dir)

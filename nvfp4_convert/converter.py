@@ -18,6 +18,7 @@ from .kernels import Backend
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
 from .plan import Plan, build_plan, check_not_quantized
 from .recipes import Recipe, load_recipe
+from .safetensors_io import TORCH_DTYPES
 from .sources import Source, open_source
 from .sources.base import PICKLE_SUFFIXES, SAFETENSORS_INDEX
 
@@ -132,7 +133,8 @@ def convert(
             log(f"warning: {warning}")
         if dry_run:
             return report
-        chosen, reason = _choose_backend(backend, exact=exact, threads=threads)
+        dtypes = tuple({TORCH_DTYPES[t.info.dtype] for t in plan.quantized.values()}) or None
+        chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
         report.backend, report.backend_reason = chosen.name, reason
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, parse_size(max_shard_size))
         output = OutputDir(Path(out), fingerprint=fingerprint, overwrite=overwrite)
@@ -178,17 +180,18 @@ def _read_config(source: Source) -> dict:
     return config
 
 
-def _choose_backend(name: str | None, *, exact: bool, threads: int | None) -> tuple[Backend, str]:
+def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
+                    dtypes: tuple[torch.dtype, ...] | None) -> tuple[Backend, str]:
     from .kernels import selfcheck
 
-    try:
-        backend, reason = selfcheck.select_proven_backend(name, exact=exact)
-    except (KeyError, RuntimeError) as exc:
-        raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
     if threads:
         torch.set_num_threads(threads)
-        if backend.set_threads:
-            backend.set_threads(threads)
+    try:
+        backend, reason = selfcheck.select_proven_backend(name, exact=exact, dtypes=dtypes)
+    except (KeyError, RuntimeError) as exc:
+        raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
+    if threads and backend.set_threads:
+        backend.set_threads(threads)
     return backend, reason
 
 

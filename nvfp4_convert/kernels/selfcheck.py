@@ -86,7 +86,10 @@ def _ties(dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([row * 2.0**k for k in range(-3, 4)]).to(dtype)
 
 
-def _probe_set(large: bool) -> list[Probe]:
+ALL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _probe_set(large: bool, dtypes: tuple[torch.dtype, ...] = ALL_DTYPES) -> list[Probe]:
     g = torch.Generator().manual_seed(20240611)
 
     def randn(*shape):
@@ -98,7 +101,7 @@ def _probe_set(large: bool) -> list[Probe]:
         ws2 = global_scale(w.abs().amax().float()) if ws2 is None else torch.as_tensor(ws2, dtype=torch.float32)
         probes.append(Probe(f"{name}/{str(w.dtype).removeprefix('torch.')}", w.contiguous(), ws2))
 
-    for dt in (torch.bfloat16, torch.float16, torch.float32):
+    for dt in dtypes:
         tiny, huge, limit = (1e-5, 2e4, 6e4) if dt == torch.float16 else (1e-6, 1e30, 3e38)
         add("normal", (randn(64, 256) * 0.02).to(dt))
         add("heavy-tailed", (randn(48, 128) * torch.exp(1.5 * randn(48, 128))).clamp(-6e4, 6e4).to(dt))
@@ -121,15 +124,15 @@ def _probe_set(large: bool) -> list[Probe]:
             add(f"rows{rows}", randn(rows, k).to(dt))
     add("all-zero", torch.zeros(4, 32, dtype=torch.bfloat16))
     if large:
-        add("large", (randn(512, 2048) * 0.02).to(torch.bfloat16))
-        add("large", (randn(129, 1040) * 0.05).to(torch.float16))
-        add("large", randn(64, 4096).to(torch.float32))
+        for dt, (rows, k, scale) in zip(ALL_DTYPES, ((512, 2048, 0.02), (129, 1040, 0.05), (64, 4096, 1.0))):
+            if dt in dtypes:
+                add("large", (randn(rows, k) * scale).to(dt))
     return probes
 
 
-@functools.lru_cache(maxsize=2)
-def _expected(large: bool) -> tuple[tuple[Probe, torch.Tensor, torch.Tensor], ...]:
-    return tuple((p, *reference.quantize(p.weight, p.ws2)) for p in _probe_set(large))
+@functools.lru_cache(maxsize=4)
+def _expected(large: bool, dtypes: tuple[torch.dtype, ...]) -> tuple[tuple[Probe, torch.Tensor, torch.Tensor], ...]:
+    return tuple((p, *reference.quantize(p.weight, p.ws2)) for p in _probe_set(large, dtypes))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -240,20 +243,22 @@ def _check_approx(p: Probe, packed, scales, want_packed, want_scales, tally: _Ta
     return None
 
 
-def prove(backend: Backend, *, large: bool | None = None) -> ProofResult:
+def prove(backend: Backend, *, large: bool | None = None, dtypes: tuple[torch.dtype, ...] | None = None) -> ProofResult:
     """Run the probe set through ``backend`` and compare with the reference.
 
     Args:
         backend: the backend to check; it is run even if ``available()`` says no (so that a backend that
             silently does nothing on this GPU can be shown to be refused).
         large: add larger tensors that span many kernel tiles; default: for CUDA backends.
+        dtypes: the input dtypes to probe (the converter passes those of the weights it will quantize);
+            default: bfloat16, float16 and float32.
 
     Returns:
         a :class:`ProofResult`. Raises :class:`BackendRefused` naming the first difference.
     """
     start = time.perf_counter()
     large = backend.device == "cuda" if large is None else large
-    expected = _expected(large)
+    expected = _expected(large, tuple(d for d in ALL_DTYPES if d in (dtypes or ALL_DTYPES)))
     tally = _Tally()
     all_equal = True
     for p, want_packed, want_scales in expected:
@@ -283,7 +288,8 @@ def prove(backend: Backend, *, large: bool | None = None) -> ProofResult:
     return ProofResult(backend.name, all_equal, len(expected), tally.elements, time.perf_counter() - start)
 
 
-def select_proven_backend(name: str | None = None, *, device: str | None = None, exact: bool = False) -> tuple[Backend, str]:
+def select_proven_backend(name: str | None = None, *, device: str | None = None, exact: bool = False,
+                          dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[Backend, str]:
     """Choose a backend like :func:`select_backend`, but only one that passes :func:`prove`.
 
     Args:
@@ -291,6 +297,7 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
             otherwise this raises (``KeyError`` for an unknown name, ``RuntimeError``/:class:`BackendRefused`).
         device: restrict automatic choice to ``"cpu"`` or ``"cuda"``.
         exact: accept bit-exact backends only (``--exact``).
+        dtypes: input dtypes the backend must handle (see :func:`prove`).
 
     Returns:
         ``(backend, reason)``; the reason says why it was chosen, how it was proven, and which faster
@@ -303,7 +310,7 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
             raise RuntimeError(f"backend {name!r} cannot run here: {why_not}")
         if exact and not backend.exact:
             raise RuntimeError(f"backend {name!r} is approximate; --exact needs a bit-exact backend")
-        return backend, f"chosen with --backend; {prove(backend).summary()}"
+        return backend, f"chosen with --backend; {prove(backend, dtypes=dtypes).summary()}"
     devices = [device] if device else (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
     notes = []
     for dev in devices:
@@ -315,7 +322,7 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
                 notes.append(f"{backend.name}: {why_not}")
                 continue
             try:
-                proof = prove(backend)
+                proof = prove(backend, dtypes=dtypes)
             except BackendRefused as exc:
                 notes.append(str(exc))
                 continue
