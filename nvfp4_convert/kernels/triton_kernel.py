@@ -42,7 +42,7 @@ _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n"])  # one compiled kernel for every tensor size
     def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
         base = tl.program_id(0).to(tl.int64) * (BLOCK * ITERS)
         offs = tl.arange(0, BLOCK)
