@@ -8,6 +8,7 @@ themselves here and are chosen by :func:`select_backend`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Callable
 
 import torch
@@ -70,33 +71,43 @@ def get_backend(name: str) -> Backend:
         raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
 
 
+def explicit_backend(name: str) -> Backend:
+    """The backend called ``name`` if it can run here; raises ``KeyError``/``RuntimeError`` otherwise."""
+    backend = get_backend(name)
+    why_not = backend.available()
+    if why_not:
+        raise RuntimeError(f"backend {name!r} cannot run here: {why_not}")
+    return backend
+
+
+def candidates(device: str | None = None) -> Iterator[tuple[Backend, str | None]]:
+    """Backends in automatic-selection order, each with the reason it cannot run here (None if it can).
+
+    CUDA backends come first when a GPU is present, then CPU ones; higher priority first within each.
+    """
+    devices = [device] if device else (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
+    for dev in devices:
+        for backend in sorted((b for b in _REGISTRY.values() if b.device == dev), key=lambda b: -b.priority):
+            yield backend, backend.available()
+
+
 def select_backend(name: str | None = None, *, device: str | None = None) -> tuple[Backend, str]:
-    """Pick a backend and say why.
+    """Pick a backend by availability alone and say why (the converter also proves it: see ``selfcheck``).
 
     Args:
         name: an explicit choice (``--backend``); must be available.
-        device: restrict automatic choice to ``"cpu"`` or ``"cuda"``; by default CUDA backends are
-            preferred when a GPU is present.
+        device: restrict automatic choice to ``"cpu"`` or ``"cuda"``.
 
     Returns:
         ``(backend, reason)``.
     """
     if name is not None:
-        backend = get_backend(name)
-        why_not = backend.available()
-        if why_not:
-            raise RuntimeError(f"backend {name!r} cannot run here: {why_not}")
-        return backend, "chosen with --backend"
-    devices = [device] if device else (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
+        return explicit_backend(name), "chosen with --backend"
     skipped = []
-    for dev in devices:
-        candidates = sorted((b for b in _REGISTRY.values() if b.device == dev), key=lambda b: -b.priority)
-        for backend in candidates:
-            why_not = backend.available()
-            if why_not is None:
-                reason = "fastest available" + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
-                return backend, reason
-            skipped.append(f"{backend.name}: {why_not}")
+    for backend, why_not in candidates(device):
+        if why_not is None:
+            return backend, "fastest available" + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
+        skipped.append(f"{backend.name}: {why_not}")
     return _REGISTRY["reference"], "fallback"
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import Backend, backends, get_backend, reference
+from . import Backend, candidates, explicit_backend, reference
 from .common import BLOCK, dequantize, global_scale
 
 SCALE_STEP_FRACTION = 0.005
@@ -304,28 +304,22 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
         backends were skipped or refused.
     """
     if name is not None:
-        backend = get_backend(name)
-        why_not = backend.available()
-        if why_not:
-            raise RuntimeError(f"backend {name!r} cannot run here: {why_not}")
+        backend = explicit_backend(name)
         if exact and not backend.exact:
             raise RuntimeError(f"backend {name!r} is approximate; --exact needs a bit-exact backend")
         return backend, f"chosen with --backend; {prove(backend, dtypes=dtypes).summary()}"
-    devices = [device] if device else (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
     notes = []
-    for dev in devices:
-        for backend in sorted((b for b in backends().values() if b.device == dev), key=lambda b: -b.priority):
-            why_not = backend.available()
-            if why_not is None and exact and not backend.exact:
-                why_not = "approximate (--exact)"
-            if why_not:
-                notes.append(f"{backend.name}: {why_not}")
-                continue
-            try:
-                proof = prove(backend, dtypes=dtypes)
-            except BackendRefused as exc:
-                notes.append(str(exc))
-                continue
-            reason = f"fastest available; {proof.summary()}"
-            return backend, reason + (f" (skipped: {'; '.join(notes)})" if notes else "")
+    for backend, why_not in candidates(device):
+        if why_not is None and exact and not backend.exact:
+            why_not = "approximate (--exact)"
+        if why_not:
+            notes.append(f"{backend.name}: {why_not}")
+            continue
+        try:
+            proof = prove(backend, dtypes=dtypes)
+        except BackendRefused as exc:
+            notes.append(str(exc))
+            continue
+        reason = f"fastest available; {proof.summary()}"
+        return backend, reason + (f" (skipped: {'; '.join(notes)})" if notes else "")
     raise RuntimeError("no backend passed the self-check: " + "; ".join(notes))

@@ -229,13 +229,29 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-@torch.library.custom_op("nvfp4_convert::amax", mutates_args=())
-def amax_op(weight: torch.Tensor) -> torch.Tensor:
-    """max|weight| as a float32 0-dim tensor on the weight's device."""
+def _amax(weight: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros((), dtype=torch.float32, device=weight.device)
     with _on(weight.device):
         _launch_amax(weight, acc.view(torch.int32))
     return acc
+
+
+def _quantize(weight: torch.Tensor, ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with _on(weight.device):
+        if ws2 is None:
+            acc = torch.zeros((), dtype=torch.float32, device=weight.device)
+            _launch_amax(weight, acc.view(torch.int32))
+            return _launch_quantize(weight, acc, from_amax=True)
+        return _launch_quantize(weight, ws2.to(device=weight.device, dtype=torch.float32).reshape(()), from_amax=False)
+
+
+# The custom ops make the kernels capturable by torch.compile and CUDA graphs. The converter calls the
+# plain functions above: the first call through the op dispatcher imports much of torch (dynamo, sympy,
+# distributed) and costs seconds of start-up.
+@torch.library.custom_op("nvfp4_convert::amax", mutates_args=())
+def amax_op(weight: torch.Tensor) -> torch.Tensor:
+    """max|weight| as a float32 0-dim tensor on the weight's device."""
+    return _amax(weight)
 
 
 @amax_op.register_fake
@@ -250,12 +266,7 @@ def quantize_op(weight: torch.Tensor, ws2: Optional[torch.Tensor] = None) -> Tup
     ``ws2`` is the float32 global scale (a 0-dim tensor on the weight's device); when ``None`` it is derived
     from the weight's own amax on the device (no host sync) and returned.
     """
-    with _on(weight.device):
-        if ws2 is None:
-            acc = torch.zeros((), dtype=torch.float32, device=weight.device)
-            _launch_amax(weight, acc.view(torch.int32))
-            return _launch_quantize(weight, acc, from_amax=True)
-        return _launch_quantize(weight, ws2.to(device=weight.device, dtype=torch.float32).reshape(()), from_amax=False)
+    return _quantize(weight, ws2)
 
 
 @quantize_op.register_fake
@@ -286,7 +297,7 @@ def amax_device(weight: torch.Tensor) -> torch.Tensor:
 def quantize_on_device(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight`` on the CPU or a GPU; outputs stay on the GPU."""
     dev = weight if weight.is_cuda else weight.to("cuda")
-    packed, scales, _ = quantize_op(dev, ws2.to(dev.device))
+    packed, scales, _ = _quantize(dev, ws2.to(dev.device))
     return packed, scales
 
 
@@ -298,7 +309,7 @@ def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def amax(weight: torch.Tensor) -> torch.Tensor:
     """Registry amax: max|weight| as a float32 0-dim tensor on the GPU."""
-    return amax_op(weight if weight.is_cuda else weight.to("cuda"))
+    return _amax(weight if weight.is_cuda else weight.to("cuda"))
 
 
 def available() -> str | None:
