@@ -8,6 +8,8 @@ shards; config files come last, so a folder without ``config.json`` is never a f
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 import os
 import shutil
 from pathlib import Path
@@ -19,14 +21,13 @@ STATE_DIR = ".nvfp4-convert"
 FINAL_FILES = ("config.json", "hf_quant_config.json", "model.safetensors.index.json")
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to fill; it replaces ``path`` only if the block succeeds."""
     partial = path.with_name(path.name + ".partial")
     try:
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield partial
         os.replace(partial, path)
     except OSError as exc:
         partial.unlink(missing_ok=True)
@@ -34,22 +35,24 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
                            fix="Free disk space or fix permissions, then re-run to resume") from None
 
 
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename."""
+    with _replacing(path) as partial, open(partial, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def write_json_atomic(path: Path, doc: dict, *, indent: int = 2) -> None:
     write_bytes_atomic(path, (json.dumps(doc, indent=indent) + "\n").encode())
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    partial = dst.with_name(dst.name + ".partial")
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    """Copy ``src`` to ``dst`` via a temporary file, fsync and rename."""
+    with _replacing(dst) as partial:
         shutil.copyfile(src, partial)
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(partial, dst)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise ConvertError(f"cannot write: {exc.strerror}", where=str(dst),
-                           fix="Free disk space or fix permissions, then re-run to resume") from None
 
 
 class OutputDir:

@@ -166,12 +166,8 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
 
     groups = fusion_groups(linear_like, recipe)
     for group in groups:  # a fused group is quantized whole or not at all
-        kept = [m for m in group if m not in candidates]
-        if kept and len(kept) < len(group):
-            warnings.append(f"{', '.join(group)} share an input; {kept[0]} stays high precision, so all of them do")
-            for m in group:
-                if candidates.pop(m, None) is not None:
-                    kept_reasons[m] = f"fused with {kept[0]}, which is kept"
+        if first := _keep_together(group, candidates, kept_reasons):
+            warnings.append(f"{', '.join(group)} share an input; {first} stays high precision, so all of them do")
     _keep_experts_together(linear_like, candidates, kept_reasons, warnings)
 
     quantized = dict(candidates)
@@ -234,12 +230,19 @@ def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> N
         if m := _EXPERT.match(module):
             by_layer.setdefault((m["layer"], m["leaf"]), []).append(module)
     for (layer, leaf), experts in sorted(by_layer.items()):
-        kept = [e for e in experts if e not in candidates]
-        if kept and len(kept) < len(experts):
-            warnings.append(f"{layer}.*.{leaf}: {kept[0]} stays high precision, so every expert of the layer does")
-            for e in experts:
-                if candidates.pop(e, None) is not None:
-                    kept_reasons[e] = f"expert sibling {kept[0]} is kept"
+        if first := _keep_together(experts, candidates, kept_reasons):
+            warnings.append(f"{layer}.*.{leaf}: {first} stays high precision, so every expert of the layer does")
+
+
+def _keep_together(members, candidates: dict, kept_reasons: dict) -> str | None:
+    """If some of ``members`` are kept and others would be quantized, keep them all; return the first kept."""
+    kept = [m for m in members if m not in candidates]
+    if not kept or len(kept) == len(members):
+        return None
+    for m in members:
+        if candidates.pop(m, None) is not None:
+            kept_reasons[m] = f"kept together with {kept[0]}"
+    return kept[0]
 
 
 def engine_names(quantized: dict, groups: list[tuple[str, ...]], recipe: Recipe) -> list[str]:
