@@ -56,13 +56,13 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
     names.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)})
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster there
     gen = torch.Generator(device).manual_seed(0)
-    shard, shard_bytes, index, total, shards = {}, 0, {}, 0, []
+    shard, shard_bytes, index, total, written = {}, 0, {}, 0, 0
 
     def flush():
-        nonlocal shard, shard_bytes
+        nonlocal shard, shard_bytes, written
         if shard:
-            shards.append(dict(shard))
-            name = f"part-{len(shards):05d}.safetensors"
+            written += 1
+            name = f"part-{written:05d}.safetensors"
             save_file(shard, folder / name, metadata={"format": "pt"})
             index.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
@@ -75,7 +75,6 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
         shard_bytes += t.numel() * 2
         total += t.numel() * 2
     flush()
-    del shards
     final = {}
     n = len(set(index.values()))
     for i, name in enumerate(sorted(set(index.values())), 1):

@@ -19,7 +19,6 @@ Run ``nvfp4-convert bench --help``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
