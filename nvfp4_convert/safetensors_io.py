@@ -8,6 +8,7 @@ the plan and fills each tensor's byte range as it is produced.
 from __future__ import annotations
 
 import hashlib
+import zlib
 import json
 import math
 import mmap
@@ -246,7 +247,7 @@ class ShardWriter:
         head, self.offsets = layout(tensors)
         self.head = head
         self.sizes = {t.name: t.nbytes for t in tensors}
-        self._hashing = {t.name: [hashlib.sha256(), 0] for t in tensors}  # running hash, bytes hashed
+        self._hashing = {t.name: [0, 0] for t in tensors}  # running CRC-32, bytes hashed
         self.total = len(head) + sum(self.sizes.values())
         self.fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -264,8 +265,8 @@ class ShardWriter:
         if at + len(view) > self.sizes[name]:
             raise ValueError(f"write past the end of {name}")
         running = self._hashing[name]
-        if running[1] == at:  # in order: extend the running hash; otherwise it is re-read in digest()
-            running[0].update(view)
+        if running[1] == at:  # in order: extend the running CRC; otherwise it is re-read in digest()
+            running[0] = zlib.crc32(view, running[0])
             running[1] += len(view)
         try:
             self._pwrite(view, self.offsets[name] + at)
@@ -293,10 +294,10 @@ class ShardWriter:
         """:func:`shard_digest` of the finished shard (call after every write)."""
         parts = []
         for name in sorted(self.offsets, key=self.offsets.get):
-            running, hashed = self._hashing[name]
+            crc, hashed = self._hashing[name]
             if hashed != self.sizes[name]:
-                running = _hash_range(self.partial if self.fd >= 0 else self.path, self.offsets[name], self.sizes[name])
-            parts.append(running.digest())
+                crc = _crc_range(self.partial if self.fd >= 0 else self.path, self.offsets[name], self.sizes[name])
+            parts.append(crc.to_bytes(4, "little"))
         return hashlib.sha256(self.head + b"".join(parts)).hexdigest()
 
     def abort(self) -> None:
@@ -306,26 +307,27 @@ class ShardWriter:
         self.partial.unlink(missing_ok=True)
 
 
-def _hash_range(path: Path, start: int, length: int):
-    digest = hashlib.sha256()
+def _crc_range(path: Path, start: int, length: int) -> int:
+    crc = 0
     with open(path, "rb") as f:
         f.seek(start)
         while length > 0:
             chunk = f.read(min(length, 16 * 1024 * 1024))
             if not chunk:
                 break
-            digest.update(chunk)
+            crc = zlib.crc32(chunk, crc)
             length -= len(chunk)
-    return digest
+    return crc
 
 
 def shard_digest(path: Path) -> str:
-    """sha256 over a shard's header and the sha256 of each tensor's bytes, in file order.
+    """sha256 over a shard's header and the CRC-32 of each tensor's bytes, in file order.
 
-    Equal for equal files; :class:`ShardWriter` computes it while writing.
+    Cheap enough to compute while writing (:class:`ShardWriter` does), and it changes with any header
+    edit and with any truncated, zeroed or otherwise damaged tensor data.
     """
     header = read_header(path)
-    parts = [_hash_range(path, header.data_start + t.data_offsets[0], t.nbytes).digest()
+    parts = [_crc_range(path, header.data_start + t.data_offsets[0], t.nbytes).to_bytes(4, "little")
              for t in sorted(header.tensors.values(), key=lambda t: t.data_offsets)]
     with open(path, "rb") as f:
         head = f.read(header.data_start)
