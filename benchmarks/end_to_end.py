@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -147,7 +148,10 @@ def main() -> None:
         total = make_checkpoint(src, parse_size(args.size), vocab=args.vocab)
         print(f"wrote synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    # Flush pending writes before each measurement, so that neither pays for the other's write-back.
+    os.sync()
     read, write = io_floor(src, args.dir / "floor")
+    os.sync()
     q, backend = quantize_only(src, args.backend)
     # The child reports its own peak RSS (VmHWM): ru_maxrss would include this process's memory at fork.
     child = ("import re, sys\nfrom nvfp4_convert.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
@@ -156,6 +160,7 @@ def main() -> None:
     cmd = [sys.executable, "-c", child, str(src), str(out), "--no-progress"]
     if args.backend:
         cmd += ["--backend", args.backend]
+    os.sync()
     started = time.perf_counter()
     run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     convert_s = time.perf_counter() - started

@@ -1,17 +1,19 @@
 """Executing a plan: source shards in, output shards out, with reading, compute and writing overlapped.
 
-Source tensors are memory-mapped, not copied. A reader thread maps and faults in the next units (and,
-for GPU backends, copies their weights to the device on a stream of its own) while the main thread
-quantizes the current one; a writer thread writes (and hashes) the results, then
+Source tensors are memory-mapped, not copied. A reader thread maps and faults in the next units (for
+GPU backends, copies their weights to the device on a stream of its own) and takes each weight's amax,
+while the main thread quantizes the current one; a writer thread writes (and hashes) the results, then
 renames and records each finished shard. Memory stays within about twice the largest
 tensor: a unit that would not fit is mapped one tensor at a time and faulted in as it is computed.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -79,7 +81,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
                     acquired[s] = source.acquire(s)
             paths = {s: acquired[s] for s in unit.sources}
             whole = sizes[next_pos] <= budget
-            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole, device)))
+            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole, device, backend)))
             in_flight += sizes[next_pos]
             next_pos += 1
         upcoming = next((s for s in need_order if s not in acquired and last_use[s] >= next_pos), None)
@@ -151,26 +153,50 @@ def _commit(writer: ShardWriter, output: OutputDir, filename: str) -> None:
     output.record(filename, writer.digest())
 
 
-def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool, device: str | None) -> dict | None:
+@dataclass
+class _Loaded:
+    """A unit's tensors read ahead, by name, and the max|W| of each weight to quantize."""
+
+    tensors: dict[str, torch.Tensor]
+    amax: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool, device: str | None,
+          backend: Backend) -> _Loaded | None:
     """Map a unit's tensors and fault them in (or nothing, if the unit is too large to hold at once).
 
     With a ``device``, the weights to quantize are copied there instead, on the reader's own stream.
+    Each weight's amax is computed here too, off the main thread, while the previous unit quantizes.
     """
     if not whole:
         return None
-    loaded = {name: map_tensor(paths[plan.tensors[name].shard], plan.headers[plan.tensors[name].shard], name)
-              for name in unit_tensors(unit)}
-    if device and not unit.kept:
-        stream = torch.cuda.Stream()
-        with torch.cuda.stream(stream):
-            loaded = {name: t.to(device, non_blocking=False) for name, t in loaded.items()}
+    loaded = _Loaded({name: map_tensor(paths[plan.tensors[name].shard], plan.headers[plan.tensors[name].shard], name)
+                      for name in unit_tensors(unit)})
+    if unit.kept:
+        return loaded
+    stream = torch.cuda.Stream() if device else None
+    with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
+        for name, t in loaded.tensors.items():
+            if device:
+                loaded.tensors[name] = t = t.to(device, non_blocking=False)
+            loaded.amax[name] = _amax(t, backend).cpu()
+    if stream:
         stream.synchronize()
     return loaded
 
 
-def _tensor(name: str, plan: Plan, paths: dict[str, Path], loaded: dict | None) -> torch.Tensor:
+def _amax(weight: torch.Tensor, backend: Backend) -> torch.Tensor:
+    """max|weight| in row chunks (float32 0-dim on the weight's device)."""
+    amax = None
+    for _, w in _chunks(weight):
+        part = backend.amax(w)
+        amax = part if amax is None else torch.maximum(amax, part)
+    return amax if amax is not None else torch.tensor(0.0)
+
+
+def _tensor(name: str, plan: Plan, paths: dict[str, Path], loaded: _Loaded | None) -> torch.Tensor:
     t = plan.tensors[name]
-    return loaded[name] if loaded is not None else map_tensor(paths[t.shard], plan.headers[t.shard], name)
+    return loaded.tensors[name] if loaded is not None else map_tensor(paths[t.shard], plan.headers[t.shard], name)
 
 
 def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -182,7 +208,7 @@ def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield start, weight[start : start + step]
 
 
-def _process(unit: Unit, plan: Plan, loaded: dict | None, paths: dict[str, Path], writer: ShardWriter,
+def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
              writes: _Writes, backend: Backend) -> None:
     if unit.kept:
         data = _tensor(unit.kept, plan, paths, loaded)
@@ -191,9 +217,7 @@ def _process(unit: Unit, plan: Plan, loaded: dict | None, paths: dict[str, Path]
     group_amax = torch.tensor(0.0)
     for module in unit.modules:
         name = f"{module}.weight"
-        amax = torch.tensor(0.0)
-        for _, w in _chunks(_tensor(name, plan, paths, loaded)):
-            amax = torch.maximum(amax, backend.amax(w).cpu())
+        amax = loaded.amax[name] if loaded is not None else _amax(_tensor(name, plan, paths, None), backend).cpu()
         if not torch.isfinite(amax):
             raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
                                fix="Fix the source weights, or --exclude this module to keep it unquantized")
