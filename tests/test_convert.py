@@ -161,3 +161,15 @@ def test_state_is_hidden_and_complete(tiny, tmp_path):
     convert(str(tiny("llama")), out, progress=False, command="nvfp4-convert x y")
     state = json.loads((out / STATE_DIR / "state.json").read_text())
     assert state["complete"] and state["info"]["command"] == "nvfp4-convert x y"
+
+
+def test_cache_snapshot_of_links_converts(tiny, tmp_path):
+    """A Hugging Face cache snapshot holds links to blobs outside the folder; it is a valid source."""
+    src, blobs, snapshot = tiny("llama"), tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    snapshot.mkdir()
+    for f in src.iterdir():
+        (blobs / f.name).write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(blobs / f.name)
+    convert(str(snapshot), tmp_path / "out", progress=False)
+    recompute_check(src, tmp_path / "out")

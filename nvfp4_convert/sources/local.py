@@ -34,12 +34,10 @@ class LocalSource:
         return list(self._files)
 
     def _path(self, filename: str) -> Path:
+        # Names are checked, links are followed: a Hugging Face cache snapshot is a folder of links to
+        # blobs elsewhere, and must convert like any other folder.
         check_relative(filename, where=self.description)
-        path = (self.root / filename).resolve()
-        if not path.is_relative_to(self.root):
-            raise ConvertError(f"{filename!r} resolves outside the source folder", where=self.description,
-                               fix="Remove the link or fix the index")
-        return path
+        return self.root / filename
 
     def read_json(self, filename: str) -> dict:
         path = self._path(filename)
