@@ -6,6 +6,7 @@ import copy
 
 GROUP_SIZE = 16
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}  # engines detect the format by this producer name
+FP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}  # config_groups entry
 
 
 def quant_algo(weight_only: bool) -> str:
@@ -27,10 +28,9 @@ def hf_quant_config(*, exclude_modules: list[str], weight_only: bool) -> dict:
 
 def quantization_config(*, exclude_modules: list[str], weight_only: bool) -> dict:
     """``config.json`` ``quantization_config`` (flat form; vLLM and SGLang read this first)."""
-    fp4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
-    group = {"weights": dict(fp4), "targets": ["Linear"]}
+    group = {"weights": dict(FP4_SCHEME), "targets": ["Linear"]}
     if not weight_only:
-        group = {"input_activations": dict(fp4), **group}
+        group = {"input_activations": dict(FP4_SCHEME), **group}
     return {
         "config_groups": {"group_0": group},
         "ignore": list(exclude_modules),

@@ -124,8 +124,9 @@ def convert(
     try:
         config = _read_config(source)
         recipe = load_recipe(config=config, recipe_file=recipe_file, extra_excludes=excludes)
+        shard_size = parse_size(max_shard_size)
         plan = build_plan(config=config, headers=source.headers(), weight_map=getattr(source, "weight_map", None),
-                          recipe=recipe, weight_only=weight_only, max_shard_size=parse_size(max_shard_size),
+                          recipe=recipe, weight_only=weight_only, max_shard_size=shard_size,
                           where=source.description)
         report = Report(source=source.description, output=Path(out), plan=plan, recipe=recipe,
                         activation_policy=activation_policy(weight_only), dry_run=dry_run)
@@ -136,7 +137,7 @@ def convert(
         dtypes = tuple({TORCH_DTYPES[t.info.dtype] for t in plan.quantized.values()}) or None
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
         report.backend, report.backend_reason = chosen.name, reason
-        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, parse_size(max_shard_size))
+        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size)
         output = OutputDir(Path(out), fingerprint=fingerprint, overwrite=overwrite)
         _write_shards(source, plan, output, chosen, report, progress=progress)
         _write_other_files(source, output.path)

@@ -17,7 +17,7 @@ from .sources.base import ShardHeader, TensorInfo
 BLOCK = 16
 _QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
                        ".qweight", ".qzeros", ".scales", ".weight_global_scale", ".SCB")
-_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>[^.]+)$")
+EXPERT_MODULE = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>[^.]+)$")  # a MoE expert's Linear
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,6 @@ class OutputShard:
     @property
     def tensors(self) -> list[OutTensor]:
         return [t for u in self.units for t in u.outputs]
-
-    @property
-    def sources(self) -> set[str]:
-        return set().union(*(u.sources for u in self.units)) if self.units else set()
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +223,7 @@ def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> N
     """MoE engines load all experts of a layer in one format: keep them all if any is kept."""
     by_layer: dict[tuple[str, str], list[str]] = {}
     for module in linear_like:
-        if m := _EXPERT.match(module):
+        if m := EXPERT_MODULE.match(module):
             by_layer.setdefault((m["layer"], m["leaf"]), []).append(module)
     for (layer, leaf), experts in sorted(by_layer.items()):
         if first := _keep_together(experts, candidates, kept_reasons):

@@ -157,10 +157,10 @@ def read_tensor_bytes(path: Path, header: ShardHeader, name: str, start: int = 0
     return buf
 
 
-def read_tensor(path: Path, header: ShardHeader, name: str, *, pin_memory: bool = False) -> torch.Tensor:
-    """The whole tensor ``name`` as a torch tensor of its dtype (optionally in pinned host memory)."""
+def read_tensor(path: Path, header: ShardHeader, name: str) -> torch.Tensor:
+    """The whole tensor ``name`` as a torch tensor of its dtype (raw bytes for dtypes torch lacks)."""
     info = header.tensors[name]
-    raw = torch.empty(info.nbytes, dtype=torch.uint8, pin_memory=pin_memory)
+    raw = torch.empty(info.nbytes, dtype=torch.uint8)
     if info.nbytes:
         read_tensor_bytes(path, header, name, out=raw.numpy().data)
     return raw.view(TORCH_DTYPES[info.dtype]).view(info.shape) if info.dtype in TORCH_DTYPES else raw

@@ -12,7 +12,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .compare import LayerError, compare_with_source, sqnr_stats
-from .configs import GROUP_SIZE
+from .configs import FP4_SCHEME, GROUP_SIZE
 from .errors import ConvertError
 from .kernels.common import BLOCK, E4M3_MAX, SCALE_MIN
 from .output import write_json_atomic
-from .plan import engine_names, fusion_groups
+from .plan import EXPERT_MODULE, engine_names, fusion_groups
 from .recipes import load_recipe
 from .safetensors_io import ShardHeader, TensorInfo, read_header, read_rows, read_tensor_bytes
 from .sources.base import SAFETENSORS_INDEX, SINGLE_SHARD
@@ -34,8 +33,6 @@ CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes read at a time
 QUANT_ALGOS = ("NVFP4", "W4A16_NVFP4")
 _SCALARS = (".weight_scale_2", ".input_scale")
 _SCALE_SUFFIXES = (".weight_scale", *_SCALARS)
-_EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.[^.]+$")
-_FP4 = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}
 CHECKS = ("config files", "index", "tensor layout", "scalars", "block scales", "fusion groups", "exclusions",
           "MoE experts", "error vs source", "kept vs source")
 
@@ -295,11 +292,11 @@ class _Checker:
     def _check_config_groups(self, qc: dict) -> None:
         where = "config.json quantization_config"
         group = ((qc.get("config_groups") or {}).get("group_0")) or {}
-        if group.get("weights") != _FP4:
-            self.report.add("config files", f"config_groups.group_0.weights is not {_FP4}", where)
+        if group.get("weights") != FP4_SCHEME:
+            self.report.add("config files", f"config_groups.group_0.weights is not {FP4_SCHEME}", where)
         activations = group.get("input_activations")
-        if self.report.quant_algo == "NVFP4" and activations != _FP4:
-            self.report.add("config files", f"config_groups.group_0.input_activations is not {_FP4}", where)
+        if self.report.quant_algo == "NVFP4" and activations != FP4_SCHEME:
+            self.report.add("config files", f"config_groups.group_0.input_activations is not {FP4_SCHEME}", where)
         if self.report.quant_algo == "W4A16_NVFP4" and activations is not None:
             self.report.add("config files", "W4A16_NVFP4 must not quantize input_activations", where)
 
@@ -537,7 +534,7 @@ class _Checker:
     def check_experts(self) -> None:
         layers: dict[str, set[str]] = {}
         for module, kind in self.modules.items():
-            if m := _EXPERT.match(module):
+            if m := EXPERT_MODULE.match(module):
                 layers.setdefault(m["layer"], set()).add(kind)
         for layer, kinds in sorted(layers.items()):
             self.report.checked["MoE experts"] += 1

@@ -196,10 +196,15 @@ def test_missing_input_scale(llama):
     assert _lines(verify(out, progress=False)) == [f"input_scale is missing ({K})"]
 
 
+def _add_exclusion(out, entry):
+    """List ``entry`` in both config files, consistently."""
+    _edit_json(out / "hf_quant_config.json", lambda d: d["quantization"]["exclude_modules"].append(entry))
+    _edit_json(out / "config.json", lambda d: d["quantization_config"]["ignore"].append(entry))
+
+
 def test_excluded_layer_quantized(llama):
     _, out = llama
-    _edit_json(out / "hf_quant_config.json", lambda d: d["quantization"]["exclude_modules"].append(Q))
-    _edit_json(out / "config.json", lambda d: d["quantization_config"]["ignore"].append(Q))
+    _add_exclusion(out, Q)
     assert _lines(verify(out, progress=False)) == [
         f"{Q} is listed in exclude_modules ({Q!r}) but quantized (exclude_modules)"]
 
@@ -214,8 +219,7 @@ def test_exclusion_in_one_file_only(llama):
 def test_exclusion_that_is_a_substring_of_a_quantized_module(llama):
     _, out = llama
     entry = "model.layers.0.self_attn.q"
-    _edit_json(out / "hf_quant_config.json", lambda d: d["quantization"]["exclude_modules"].append(entry))
-    _edit_json(out / "config.json", lambda d: d["quantization_config"]["ignore"].append(entry))
+    _add_exclusion(out, entry)
     assert _lines(verify(out, progress=False)) == [
         f"exclusion {entry!r} is a substring of quantized {Q}; vLLM would skip it (exclude_modules)"]
 
