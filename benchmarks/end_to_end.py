@@ -4,8 +4,8 @@
     python benchmarks/end_to_end.py --size 2GB --dir /tmp/e2e --backend cpu
 
 Writes a random BF16 Llama-shaped checkpoint of about SIZE, then in one run measures
-  1. the I/O floor: reading every source tensor once and writing tensors of the output's size once,
-     both with plain safetensors;
+  1. the I/O floor: a command that reads every source tensor once and writes tensors of the output's
+     sizes once, both with plain safetensors (its own read and write times are reported too);
   2. quantize alone: the backend over every quantized weight, from memory;
   3. `nvfp4-convert SRC OUT` in a child process (wall time and peak RSS);
 and prints the ratios. Numbers are for the machine it runs on; run both measurements in one go.
@@ -91,26 +91,41 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
     return total
 
 
-def io_floor(src: Path, scratch: Path) -> tuple[float, float]:
-    """Seconds to read every source tensor once, and to write the output's bytes once, with safetensors."""
+def io_floor(src: Path, scratch: Path) -> tuple[float, float, float]:
+    """The I/O floor, as a command of its own (like the conversion): a child process that reads every
+    source tensor once and writes tensors of the output's sizes once, with plain safetensors.
+
+    Returns (whole command seconds, read seconds, write seconds)."""
     from nvfp4_convert.converter import convert
 
     plan = convert(str(src), scratch / "plan", dry_run=True, progress=False, log=lambda _: None).plan
+    scratch.mkdir(parents=True, exist_ok=True)
+    sizes = scratch / "sizes.json"
+    sizes.write_text(json.dumps([{t.name: t.nbytes for t in shard.tensors} for shard in plan.shards]))
+    started = time.perf_counter()
+    run = subprocess.run([sys.executable, __file__, "--dir", str(scratch), "--floor-child", str(src), str(scratch), str(sizes)],
+                         stdout=subprocess.PIPE, text=True, check=True)
+    whole = time.perf_counter() - started
+    read, write = (float(x) for x in run.stdout.split()[-2:])
+    shutil.rmtree(scratch)
+    return whole, read, write
+
+
+def floor_child(src: Path, scratch: Path, sizes: Path) -> None:
+    """Child side of :func:`io_floor`: prints the read and write seconds."""
     started = time.perf_counter()
     for shard in sorted(src.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             for key in f.keys():
                 f.get_tensor(key).clone()  # safetensors maps lazily: make it really read
     read = time.perf_counter() - started
-    scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    for i, shard in enumerate(plan.shards):
-        tensors = {t.name: torch.empty(t.nbytes, dtype=torch.uint8) for t in shard.tensors}
+    for i, shard in enumerate(json.loads(sizes.read_text())):
+        tensors = {name: torch.empty(nbytes, dtype=torch.uint8) for name, nbytes in shard.items()}
         save_file(tensors, scratch / f"floor-{i}.safetensors")
         del tensors
     write = time.perf_counter() - started
-    shutil.rmtree(scratch)
-    return read, write
+    print(read, write)
 
 
 def quantize_only(src: Path, backend_name: str | None) -> tuple[float, str]:
@@ -140,7 +155,10 @@ def main() -> None:
     parser.add_argument("--backend", default=None)
     parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and output")
+    parser.add_argument("--floor-child", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_child:
+        return floor_child(*args.floor_child)
     src, out = args.dir / "src", args.dir / "out"
     shutil.rmtree(out, ignore_errors=True)
     if not (src / "config.json").exists():
@@ -150,7 +168,7 @@ def main() -> None:
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     # Flush pending writes before each measurement, so that neither pays for the other's write-back.
     os.sync()
-    read, write = io_floor(src, args.dir / "floor")
+    floor_cmd, read, write = io_floor(src, args.dir / "floor")
     os.sync()
     q, backend = quantize_only(src, args.backend)
     # The child reports its own peak RSS (VmHWM): ru_maxrss would include this process's memory at fork.
@@ -172,11 +190,12 @@ def main() -> None:
     largest = max(t.nbytes for p in src.glob("*.safetensors") for t in read_header(p).tensors.values())
     floor = read + write
     print(f"source {total / 1e9:.2f} GB, largest tensor T = {largest / 1e6:.0f} MB, backend {backend}")
-    print(f"I/O floor (read {read:.2f} s + write {write:.2f} s) = {floor:.2f} s; quantize alone {q:.2f} s")
-    print(f"convert, whole command: {convert_s:.2f} s = {convert_s / floor:.2f}x the I/O floor, "
-          f"{convert_s / max(floor, q):.2f}x max(I/O floor, quantize); {total / convert_s / 1e9:.2f} GB/s")
-    print(f"convert, after interpreter start-up and imports ({convert_s - inside:.2f} s): {inside:.2f} s = "
-          f"{inside / floor:.2f}x the I/O floor, {inside / max(floor, q):.2f}x max(I/O floor, quantize)")
+    print(f"I/O floor: read {read:.2f} s + write {write:.2f} s = {floor:.2f} s; as a command (with interpreter "
+          f"start-up and imports) {floor_cmd:.2f} s; quantize alone {q:.2f} s")
+    print(f"convert, whole command: {convert_s:.2f} s = {convert_s / floor_cmd:.2f}x the floor command "
+          f"({convert_s / floor:.2f}x the floor's own I/O time); {total / convert_s / 1e9:.2f} GB/s")
+    print(f"convert() alone (without its {convert_s - inside:.2f} s of start-up and imports): {inside:.2f} s = "
+          f"{inside / floor:.2f}x the floor's I/O time, {inside / max(floor, q):.2f}x max(I/O floor, quantize)")
     print(f"peak RSS of the conversion: {peak / 1e9:.2f} GB (bound 3T + 1.5 GB = {(3 * largest + 1.5e9) / 1e9:.2f} GB)")
     if not args.keep:
         shutil.rmtree(args.dir)

@@ -71,7 +71,8 @@ def test_triton_amax_and_global_scale(dtype):
 
 
 def test_triton_kernel_variants_agree_on_many_values():
-    """FMA-corrected reciprocal vs tl.div_rn, hardware vs software E4M3 rounding: same bytes on 64M values."""
+    """Packed compares vs FMA-corrected reciprocal vs tl.div_rn, hardware vs software E4M3 rounding, one
+    program per SM (long persistent loops): the same bytes on 64M values."""
     g = torch.Generator(device="cuda").manual_seed(5)
     w = torch.randn(8192, 8192, device="cuda", generator=g) * torch.rand(8192, 1, device="cuda", generator=g).pow(4)
     w[::97] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 1024, device="cuda")  # ties: ws2 = 1
@@ -79,7 +80,8 @@ def test_triton_kernel_variants_agree_on_many_values():
     saved = dict(triton_kernel.CONFIG)
     try:
         outs = []
-        for variant in ({}, {"exact_div": True}, {"hw_fp8": False}):
+        division = {"simd16": False}
+        for variant in ({}, {**division, "exact_div": True}, {**division, "hw_fp8": False}, division, {"programs_per_sm": 1}):
             triton_kernel.CONFIG.update(saved, **variant)
             outs.append(triton_kernel.quantize_device(w, ws2=torch.ones((), device="cuda")))
     finally:
@@ -88,6 +90,31 @@ def test_triton_kernel_variants_agree_on_many_values():
         assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1].view(torch.uint8), other[1].view(torch.uint8))
     rows = slice(0, 8192, 61)  # spot-check against the reference
     _assert_same((outs[0][0][rows], outs[0][1][rows]), reference.quantize(w[rows].cpu(), outs[0][2].cpu()))
+
+
+@pytest.fixture(params=["simd16", "division"])
+def triton_path(request):
+    """Run with the packed 16-bit compare path (SM90+), then with the division path it replaces."""
+    saved = dict(triton_kernel.CONFIG)
+    triton_kernel.CONFIG["simd16"] = request.param == "simd16"
+    yield request.param
+    triton_kernel.CONFIG.update(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("ws2", [None, 1.0, 2.0**-12, 1e-30, 2.0**90], ids=["amax", "1", "saturating", "tiny", "huge"])
+def test_triton_every_finite_bit_pattern(dtype, ws2, triton_path):
+    """Every finite value of the dtype, against its own amax and against global scales that saturate
+    (quotients overflow float32), that take the exact-division path, or that round everything to zero."""
+    values = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    values = values[torch.isfinite(values)]
+    values = values[: values.numel() // 256 * 256]
+    shuffled = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(1))]
+    w = torch.cat([values, shuffled]).view(-1, 256)  # neighbours in a block, then blocks of every magnitude
+    packed, scales, got_ws2 = triton_kernel.quantize_device(w.cuda(), ws2=None if ws2 is None else torch.tensor(ws2, device="cuda"))
+    want_ws2 = global_scale(reference.amax(w)) if ws2 is None else torch.tensor(ws2)
+    assert got_ws2.item() == want_ws2.item()
+    _assert_same((packed, scales), reference.quantize(w, want_ws2))
 
 
 def test_triton_strided_rows_and_second_view():
@@ -215,3 +242,14 @@ def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
     assert len([f for f in files if f.endswith(".safetensors")]) > 1
     for name in files:
         assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "gpu" / name).read_bytes(), name
+
+
+def test_cuda_bench_times_graphs_and_relates_to_copy(tmp_path):
+    from nvfp4_convert.bench import run_bench
+
+    results = run_bench(device="cuda", backends=["triton"], shapes=[(512, 2048)], repeats=3, out=lambda _: None)
+    rows = {r["backend"]: r for r in results}
+    assert rows["triton"]["timing"] == "cuda-graph" and rows["reference"]["timing"] == "events"
+    for r in rows.values():
+        assert 0 < r["of_copy_bandwidth"] < r["of_copy_bandwidth_moved"]
+    assert rows["triton"]["speedup_vs_reference"] > 1

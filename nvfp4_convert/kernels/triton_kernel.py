@@ -3,18 +3,20 @@
 Two kernels. ``_amax_kernel`` reduces max|w| with an integer atomic max on the float's bits (non-negative
 floats order like their bit patterns). ``_quantize_kernel`` reads row tiles as 32-bit words (64-bit for
 float32 inputs), each holding elements 2j and 2j+1, so the pair that shares an output byte arrives in one
-thread without shuffles. Every rounding step is exact:
+thread; each thread holds whole 16-element blocks, so block maxima and scales need no shuffles. Every
+rounding step is exact:
 
-* block scale ``fp8(clamp(amax_b / (6 * ws2), 2^-9, 448))``: correctly rounded quotient, then
+* block scale ``fp8(clamp(amax_b / (6 * ws2), 2^-9, 448))``: a correctly rounded quotient (below), then
   round-half-even to E4M3 by the hardware conversion on SM89+ and on the bits elsewhere;
-* element ``w / d`` with ``d = float(scale) * ws2``: the per-block reciprocal ``y = RN(1/d)`` (``tl.div_rn``)
-  and two FMA corrections (Markstein: after the first the quotient is within one ulp, so the second
-  rounds it correctly) -- as exact as ``tl.div_rn`` but without a division per element;
-* E2M1: round-half-even by one exact float add below 1.0 and by an integer carry into the exponent above.
+* bfloat16/float16 on SM90+: no per-element division at all. The code of ``w`` is the number of seven
+  per-block thresholds ``RD(m_i * d)`` that ``|w|`` exceeds (``_tile_16bit`` says why that is exact), found
+  with packed two-element compares and counted with packed 16-bit adds;
+* otherwise ``w / d`` with ``d = float(scale) * ws2``: the per-block reciprocal and its remainder give a
+  quotient within one ulp, and one Markstein correction (exact FMA residual) rounds it correctly; E2M1
+  round-half-even is then one FMA onto a magic constant chosen by the exponent.
 
-Exactness holds for finite inputs whose scaled values stay in float32's normal range (|w| >= ~2^-100);
-NaN inputs are not handled bit-for-bit. The amax pass is bound by memory; the quantize kernel by
-instruction issue (about 25 per element), so it is persistent and loads its next tile while computing.
+Exact for all finite inputs; global scales outside [2^-80, 2^80] (tensors of denormal dust) take
+``tl.div_rn``. NaN inputs are not handled bit-for-bit (the converter rejects them first).
 """
 
 import contextlib
@@ -33,8 +35,8 @@ except ImportError:  # the backend reports itself unavailable
 
 # Quantize tile: block_r rows x block_b 16-element blocks; programs_per_sm persistent programs per SM.
 CONFIG = {
-    "block_r": 4, "block_b": 32, "num_warps": 4, "programs_per_sm": 8,
-    "amax_block": 4096, "amax_iters": 8, "exact_div": False, "hw_fp8": True,
+    "block_r": 4, "block_b": 32, "num_warps": 4, "programs_per_sm": 32,
+    "amax_block": 1024, "amax_iters": 16, "amax_warps": 8, "exact_div": False, "hw_fp8": True, "simd16": True,
 }
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -82,32 +84,170 @@ if triton is not None:
         return val, byte
 
     @triton.jit
-    def _div(w, d, nd, y, EXACT_DIV: tl.constexpr):
-        """w / d rounded to nearest; nd = -d and y = RN(1/d) are per-block."""
+    def _reciprocal(d):
+        """(y, y_lo): y = RN(1/d) and the rounded remainder, y + y_lo = 1/d to about 2^-47."""
+        y = tl.div_rn(tl.full(d.shape, 1.0, tl.float32), d)
+        return y, tl.fma(-d, y, 1.0) * y
+
+    @triton.jit
+    def _div(w, d, y, y_lo, EXACT_DIV: tl.constexpr):
+        """w / d rounded to nearest, for per-block d with (y, y_lo) = _reciprocal(d)."""
         if EXACT_DIV:
             q = tl.div_rn(w, d)
         else:
-            q = w * y
-            q = tl.fma(tl.fma(q, nd, w), y, q)
-            q = tl.fma(tl.fma(q, nd, w), y, q)
+            q = tl.fma(w, y, w * y_lo)  # within one ulp of w / d
+            q = tl.fma(tl.fma(-q, d, w), y, q)  # Markstein: the exact residual, then the rounding is correct
         return q
 
     @triton.jit
-    def _e2m1(q):
-        """E2M1 code of float32 q: half-to-even, saturating at 6, sign bit only for q < 0."""
-        bits = q.to(tl.int32, bitcast=True)
-        mag = bits & 0x7FFFFFFF
-        # |q| < 1: codes 0..2 are RNE(2|q|); adding 1.5 * 2^23 (ulp 1) rounds once, exactly
-        sub = (tl.abs(q) * 2.0 + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-        # |q| >= 1: keep one mantissa bit (half-to-even); exponent|mantissa minus 1.0's gives the code
-        nrm = ((mag + 0x1FFFFF + ((mag >> 22) & 1)) >> 22) - 252
-        code = tl.where(mag < 0x3F800000, sub, tl.minimum(nrm, 7))
-        return code | tl.where(q < 0.0, 8, 0)  # -0.0 keeps code 0
+    def _nibble(q, w):
+        """0x4B400000 + the E2M1 code of q = RN(w / d) with its sign bit (8 for q < 0: so not for -0.0).
+
+        Ties to even, saturating at 6. With a = min(|q|, 6) the code is RNE(a * m) + c, where (m, c) is
+        (2, 0) below 2, (1, 2) below 4 and (0.5, 4) above: one FMA onto 1.5 * 2^23 + c (whose ulp is 1)
+        rounds a * m to an integer, once and exactly. The sign is taken from w, so that a quotient that
+        overflowed (NaN after the correction; min() then gives 6) keeps it.
+        """
+        a = tl.minimum(tl.abs(q), 6.0)
+        ek = tl.maximum(a.to(tl.int32, bitcast=True) >> 23, 127)  # biased exponent, 127 below 2.0
+        m = ((255 - ek) << 23).to(tl.float32, bitcast=True)
+        c = (0x4B400000 - 254 + 2 * ek + tl.where((w < 0.0) & (q != 0.0), 8, 0)).to(tl.float32, bitcast=True)
+        return tl.fma(a, m, c).to(tl.int32, bitcast=True)
 
     @triton.jit
-    def _packed(words, d, nd, y, KIND: tl.constexpr, EXACT_DIV: tl.constexpr):
+    def _packed(words, d, y, y_lo, KIND: tl.constexpr, EXACT_DIV: tl.constexpr):
         lo, hi = _decode(words, KIND)
-        return (_e2m1(_div(lo, d, nd, y, EXACT_DIV)) | (_e2m1(_div(hi, d, nd, y, EXACT_DIV)) << 4)).to(tl.uint8)
+        lo = _nibble(_div(lo, d, y, y_lo, EXACT_DIV), lo)
+        hi = _nibble(_div(hi, d, y, y_lo, EXACT_DIV), hi)
+        return (lo + (hi << 4) + 0xC00000).to(tl.uint8)  # = nibbles - 17 * 0x4B400000 (mod 2^32)
+
+    @triton.jit
+    def _block_scale(bamax, ws2, d6, y6, y6_lo, EXACT_DIV: tl.constexpr, HW_FP8: tl.constexpr):
+        """E4M3 block scale of each block max: (byte, divisor d = float(scale) * ws2); d6 = 6 * ws2."""
+        s = _div(bamax, d6, y6, y6_lo, EXACT_DIV)
+        s = tl.where(s == 0.0, 1.0, tl.where(s == s, s, 448.0))  # NaN: the quotient overflowed
+        s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
+        if HW_FP8:  # cvt.rn.satfinite.e4m3x2.f32 (SM89+), round-half-even like the software path
+            f8 = s.to(tl.float8e4nv)
+            s8 = f8.to(tl.float32)
+            sbyte = f8.to(tl.uint8, bitcast=True)
+        else:
+            s8, sbyte = _round_e4m3(s)
+        return sbyte.to(tl.uint8), s8 * ws2
+
+    @triton.jit
+    def _tile(w0, w1, ws2, d6, y6, y6_lo, KIND: tl.constexpr, EXACT_DIV: tl.constexpr, HW_FP8: tl.constexpr):
+        """Block scale bytes [R, B] and packed codes of both half-blocks [R, B, 4] of a tile."""
+        lo0, hi0 = _decode(w0, KIND)
+        lo1, hi1 = _decode(w1, KIND)
+        bamax = tl.max(tl.maximum(tl.maximum(tl.abs(lo0), tl.abs(hi0)), tl.maximum(tl.abs(lo1), tl.abs(hi1))), axis=2)
+        sbyte, d = _block_scale(bamax, ws2, d6, y6, y6_lo, EXACT_DIV, HW_FP8)
+        y, y_lo = _reciprocal(d)
+        y, y_lo, d = y[:, :, None], y_lo[:, :, None], d[:, :, None]
+        return sbyte, _packed(w0, d, y, y_lo, KIND, EXACT_DIV), _packed(w1, d, y, y_lo, KIND, EXACT_DIV)
+
+    # -- the 16-bit path (SM90+): codes from packed compares against exact per-block thresholds --------
+    # With q = RN(|w| / d), E2M1 rounding steps up at seven boundaries, and q passes boundary b exactly
+    # when |w| / d passes the float32 midpoint next to b (RNE sends the midpoint itself to b, whose last
+    # mantissa bit is 0, and a quotient of two floats is never a midpoint). So the code is the number of
+    # thresholds T_i = m_i * d that |w| exceeds, and |w| > m_i * d <=> |w| > RD(m_i * d) for |w| of the
+    # input dtype: fma.rm gives RD to float32 exactly (b_i * d + h_i * d, h_i * d a power-of-two multiple),
+    # then RD to bf16 is truncation and to fp16 cvt.rz. One packed compare covers two elements.
+
+    @triton.jit
+    def _asm2(asm: tl.constexpr, a, b):
+        return tl.inline_asm_elementwise(asm, "=r,r,r", [a, b], dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _rd_fma(b, d, c):
+        return tl.inline_asm_elementwise("fma.rm.f32 $0, $1, $2, $3;", "=f,f,f,f", [b, d, c], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+    @triton.jit
+    def _rd_mul(a, b):
+        return tl.inline_asm_elementwise("mul.rm.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _pair(t, KIND: tl.constexpr):
+        """Non-negative float32 t rounded down to the 16-bit dtype, in both halves of a word."""
+        if KIND == 0:
+            bits = t.to(tl.int32, bitcast=True)
+            return (bits & -65536) | ((bits >> 16) & 0xFFFF)
+        else:
+            return tl.inline_asm_elementwise("{ .reg .b16 h; cvt.rz.f16.f32 h, $1; mov.b32 $0, {h, h}; }", "=r,f", [t],
+                                             dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _threshold(b, d, h, KIND: tl.constexpr):
+        """RD((b + h) * d) in the 16-bit dtype, both halves of a word [R, B, 1]."""
+        return _pair(_rd_fma(tl.full(d.shape, b, tl.float32), d, d * h), KIND)[:, :, None]
+
+    @triton.jit
+    def _ones(a, t, KIND: tl.constexpr):
+        """1.0 in each 16-bit half where a > t, else 0.0 (packed bf16x2 / f16x2)."""
+        if KIND == 0:
+            return _asm2("set.gt.bf16x2.bf16x2 $0, $1, $2;", a, t)
+        else:
+            return _asm2("set.gt.f16x2.f16x2 $0, $1, $2;", a, t)
+
+    @triton.jit
+    def _gt(a, t, KIND: tl.constexpr):
+        """0xFFFF in each 16-bit half where a > t."""
+        if KIND == 0:
+            return _asm2("set.gt.u32.bf16x2 $0, $1, $2;", a, t)
+        else:
+            return _asm2("set.gt.u32.f16x2 $0, $1, $2;", a, t)
+
+    @triton.jit
+    def _add2(a, b, KIND: tl.constexpr):
+        if KIND == 0:
+            return _asm2("add.rn.bf16x2 $0, $1, $2;", a, b)
+        else:
+            return _asm2("add.rn.f16x2 $0, $1, $2;", a, b)
+
+    @triton.jit
+    def _max_u16x2(a, b):
+        return _asm2("max.u16x2 $0, $1, $2;", a, b)
+
+    @triton.jit
+    def _bytes_16bit(w, t0, t1, t2, t3, t4, t5, t6, tz, KIND: tl.constexpr):
+        """Packed codes of words w: counts the thresholds each |w| exceeds in 16-bit float adds, onto a
+        base whose low mantissa bits then hold the code (128 for bf16, 1024 for fp16: ulp 1)."""
+        a = w & 0x7FFF7FFF
+        base = 0x43004300 if KIND == 0 else 0x64006400
+        acc = _add2(_ones(a, t0, KIND), base, KIND)
+        acc = _add2(acc, _ones(a, t1, KIND), KIND)
+        acc = _add2(acc, _ones(a, t2, KIND), KIND)
+        acc = _add2(acc, _ones(a, t3, KIND), KIND)
+        acc = _add2(acc, _ones(a, t4, KIND), KIND)
+        acc = _add2(acc, _ones(a, t5, KIND), KIND)
+        acc = _add2(acc, _ones(a, t6, KIND), KIND)
+        eight = 0x41004100 if KIND == 0 else 0x48004800
+        neg = _gt(tz, w, KIND) & eight  # 8.0 where w < -RD(2^-150 d): negative and not rounded to zero
+        acc = _add2(acc, neg, KIND)
+        return ((acc & 0xF) | ((acc >> 12) & ~0xF)).to(tl.uint8)  # low nibble: element 2j, high: 2j + 1
+
+    @triton.jit
+    def _tile_16bit(w0, w1, ws2, d6, y6, y6_lo, KIND: tl.constexpr):
+        """Like _tile, for bfloat16/float16 words (SM90+)."""
+        m16 = tl.reduce(_max_u16x2(w0 & 0x7FFF7FFF, w1 & 0x7FFF7FFF), 2, _max_u16x2)
+        m16 = tl.maximum(m16 & 0xFFFF, (m16 >> 16) & 0xFFFF)
+        if KIND == 0:
+            bamax = (m16 << 16).to(tl.float32, bitcast=True)
+        else:
+            bamax = m16.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        sbyte, d = _block_scale(bamax, ws2, d6, y6, y6_lo, False, True)
+        # (b, h): the float32 midpoints next to the E2M1 boundaries 0.25 .. 5, on the side RNE leaves to b
+        t0 = _threshold(0.25, d, 2.0**-26, KIND)
+        t1 = _threshold(0.75, d, -(2.0**-25), KIND)
+        t2 = _threshold(1.25, d, 2.0**-24, KIND)
+        t3 = _threshold(1.75, d, -(2.0**-24), KIND)
+        t4 = _threshold(2.5, d, 2.0**-23, KIND)
+        t5 = _threshold(3.5, d, -(2.0**-23), KIND)
+        t6 = _threshold(5.0, d, 2.0**-22, KIND)
+        tz = (_pair(_rd_mul(_rd_mul(d, 2.0**-75), 2.0**-75), KIND) | -2147450880)[:, :, None]  # negated: 0x80008000
+        return (sbyte, _bytes_16bit(w0, t0, t1, t2, t3, t4, t5, t6, tz, KIND),
+                _bytes_16bit(w1, t0, t1, t2, t3, t4, t5, t6, tz, KIND))
 
     @triton.jit
     def _load_tile(w_ptr, rt, bt, rows, nblk, rs8, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -127,7 +267,7 @@ if triton is not None:
     def _quantize_kernel(
         w_ptr, packed_ptr, scales_ptr, scale_in_ptr, ws2_out_ptr, rows, nblk, rs8,
         KIND: tl.constexpr, FROM_AMAX: tl.constexpr, EXACT_DIV: tl.constexpr, HW_FP8: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
+        SIMD16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         s_in = tl.load(scale_in_ptr)
         if FROM_AMAX:  # common.global_scale: amax / (6 * 448), or 1.0 for an all-zero tensor
@@ -139,8 +279,12 @@ if triton is not None:
         bt = tl.program_id(1)
         if (pid == 0) & (bt == 0):
             tl.store(ws2_out_ptr, ws2)
+        # Both fast paths need per-block divisors d = (2^-9 .. 448) * ws2 whose reciprocals and 2^-26 * d
+        # stay normal; a tensor of (almost) nothing but denormal dust takes tl.div_rn instead.
+        fast = (ws2 >= 2.0**-80) & (ws2 <= 2.0**80)
         d6 = 6.0 * ws2
         y6 = tl.div_rn(1.0, d6)
+        y6_lo = tl.fma(-d6, y6, 1.0) * y6
         j = tl.arange(0, 4)
         b = bt * BLOCK_B + tl.arange(0, BLOCK_B)
         w0, w1 = _load_tile(w_ptr, pid, bt, rows, nblk, rs8, BLOCK_R, BLOCK_B)
@@ -148,26 +292,17 @@ if triton is not None:
             n0, n1 = _load_tile(w_ptr, rt + nprog, bt, rows, nblk, rs8, BLOCK_R, BLOCK_B)
             r = (rt * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
             m2 = (r[:, None] < rows) & (b[None, :] < nblk)
-            lo0, hi0 = _decode(w0, KIND)
-            lo1, hi1 = _decode(w1, KIND)
-            bamax = tl.max(tl.maximum(tl.maximum(tl.abs(lo0), tl.abs(hi0)), tl.maximum(tl.abs(lo1), tl.abs(hi1))), axis=2)
-            s = _div(bamax, d6, -d6, y6, EXACT_DIV)
-            s = tl.where(s == 0.0, 1.0, s)
-            s = tl.minimum(tl.maximum(s, 0.001953125), 448.0)
-            if HW_FP8:  # cvt.rn.satfinite.e4m3x2.f32 (SM89+), round-half-even like the software path
-                f8 = s.to(tl.float8e4nv)
-                s8 = f8.to(tl.float32)
-                sbyte = f8.to(tl.uint8, bitcast=True)
+            if fast:
+                if SIMD16:
+                    sbyte, p0, p1 = _tile_16bit(w0, w1, ws2, d6, y6, y6_lo, KIND)
+                else:
+                    sbyte, p0, p1 = _tile(w0, w1, ws2, d6, y6, y6_lo, KIND, EXACT_DIV, HW_FP8)
             else:
-                s8, sbyte = _round_e4m3(s)
-            tl.store(scales_ptr + r[:, None] * nblk + b[None, :], sbyte.to(tl.uint8), mask=m2)
-            d = s8 * ws2
-            y = tl.div_rn(tl.full([BLOCK_R, BLOCK_B], 1.0, tl.float32), d)[:, :, None]
-            nd = (d * -1.0)[:, :, None]
-            d = d[:, :, None]
+                sbyte, p0, p1 = _tile(w0, w1, ws2, d6, y6, y6_lo, KIND, True, HW_FP8)
+            tl.store(scales_ptr + r[:, None] * nblk + b[None, :], sbyte, mask=m2)
             dst = packed_ptr + r[:, None, None] * (nblk * 8) + b[None, :, None] * 8 + j[None, None, :]
-            tl.store(dst, _packed(w0, d, nd, y, KIND, EXACT_DIV), mask=m2[:, :, None])
-            tl.store(dst + 4, _packed(w1, d, nd, y, KIND, EXACT_DIV), mask=m2[:, :, None])
+            tl.store(dst, p0, mask=m2[:, :, None])
+            tl.store(dst + 4, p1, mask=m2[:, :, None])
             w0, w1 = n0, n1
 
 
@@ -179,7 +314,7 @@ def _launch_amax(weight: torch.Tensor, acc_i32: torch.Tensor) -> None:
         return
     cfg = CONFIG
     grid = (triton.cdiv(n, cfg["amax_block"] * cfg["amax_iters"]),)
-    _amax_kernel[grid](flat, acc_i32, n, BLOCK=cfg["amax_block"], ITERS=cfg["amax_iters"], num_warps=8)
+    _amax_kernel[grid](flat, acc_i32, n, BLOCK=cfg["amax_block"], ITERS=cfg["amax_iters"], num_warps=cfg["amax_warps"])
 
 
 def _launch_quantize(weight: torch.Tensor, scale: torch.Tensor, *, from_amax: bool):
@@ -206,7 +341,8 @@ def _launch_quantize(weight: torch.Tensor, scale: torch.Tensor, *, from_amax: bo
         _quantize_kernel[grid](
             words, packed, scales.view(torch.uint8), scale, ws2_out, rows, nblk, words.stride(0) // 8,
             KIND=_KIND[weight.dtype], FROM_AMAX=from_amax, EXACT_DIV=cfg["exact_div"], HW_FP8=_hw_fp8(weight.device),
-            BLOCK_R=block_r, BLOCK_B=block_b, num_warps=cfg["num_warps"],
+            SIMD16=weight.dtype != torch.float32 and _simd16(weight.device), BLOCK_R=block_r, BLOCK_B=block_b,
+            num_warps=cfg["num_warps"],
         )
     elif not from_amax:
         ws2_out.copy_(scale)
@@ -222,6 +358,11 @@ def _sm_count(device: torch.device) -> int:
 
 def _hw_fp8(device: torch.device) -> bool:
     return CONFIG["hw_fp8"] and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _simd16(device: torch.device) -> bool:
+    # packed bf16x2 compares and max.u16x2 need SM90
+    return CONFIG["simd16"] and device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def _on(device: torch.device):
