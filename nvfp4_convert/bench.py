@@ -157,7 +157,7 @@ def _cuda_copy_bandwidth(nbytes: int = 1 << 30) -> float:
     events and a copy kernel replayed from a CUDA graph (medians of 10)."""
     src = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2)]
     dst = torch.empty_like(src[0])
-    events, _, _ = _time_cuda(lambda x: dst.copy_(x), src[:1] * 2, 10, warm_up=True, graph=False)
+    events, _, _ = _time_cuda(lambda x: dst.copy_(x), src, 10, warm_up=True, graph=False)
     graphed = _time_cuda_graph(lambda x: torch.add(x, 0, out=dst), src, 10)
     return 2 * nbytes / min(statistics.median(events), statistics.median(graphed))
 

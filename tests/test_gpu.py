@@ -70,22 +70,20 @@ def test_triton_amax_and_global_scale(dtype):
     assert ws2.item() == 1.0
 
 
-def test_triton_kernel_variants_agree_on_many_values():
+def test_triton_kernel_variants_agree_on_many_values(monkeypatch):
     """Packed compares vs FMA-corrected reciprocal vs tl.div_rn, hardware vs software E4M3 rounding, one
     program per SM (long persistent loops): the same bytes on 64M values."""
     g = torch.Generator(device="cuda").manual_seed(5)
     w = torch.randn(8192, 8192, device="cuda", generator=g) * torch.rand(8192, 1, device="cuda", generator=g).pow(4)
     w[::97] = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 1024, device="cuda")  # ties: ws2 = 1
     w = w.to(torch.bfloat16)
-    saved = dict(triton_kernel.CONFIG)
-    try:
-        outs = []
-        division = {"simd16": False}
-        for variant in ({}, {**division, "exact_div": True}, {**division, "hw_fp8": False}, division, {"programs_per_sm": 1}):
-            triton_kernel.CONFIG.update(saved, **variant)
+    outs = []
+    division = {"simd16": False}
+    for variant in ({}, {**division, "exact_div": True}, {**division, "hw_fp8": False}, division, {"programs_per_sm": 1}):
+        with monkeypatch.context() as m:
+            for key, value in variant.items():
+                m.setitem(triton_kernel.CONFIG, key, value)
             outs.append(triton_kernel.quantize_device(w, ws2=torch.ones((), device="cuda")))
-    finally:
-        triton_kernel.CONFIG.update(saved)
     for other in outs[1:]:
         assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1].view(torch.uint8), other[1].view(torch.uint8))
     rows = slice(0, 8192, 61)  # spot-check against the reference
@@ -93,12 +91,10 @@ def test_triton_kernel_variants_agree_on_many_values():
 
 
 @pytest.fixture(params=["simd16", "division"])
-def triton_path(request):
+def triton_path(request, monkeypatch):
     """Run with the packed 16-bit compare path (SM90+), then with the division path it replaces."""
-    saved = dict(triton_kernel.CONFIG)
-    triton_kernel.CONFIG["simd16"] = request.param == "simd16"
-    yield request.param
-    triton_kernel.CONFIG.update(saved)
+    monkeypatch.setitem(triton_kernel.CONFIG, "simd16", request.param == "simd16")
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import BLOCK
+from .common import BLOCK, global_scale
 
 try:
     import triton
@@ -283,8 +283,7 @@ if triton is not None:
         # stay normal; a tensor of (almost) nothing but denormal dust takes tl.div_rn instead.
         fast = (ws2 >= 2.0**-80) & (ws2 <= 2.0**80)
         d6 = 6.0 * ws2
-        y6 = tl.div_rn(1.0, d6)
-        y6_lo = tl.fma(-d6, y6, 1.0) * y6
+        y6, y6_lo = _reciprocal(d6)
         j = tl.arange(0, 4)
         b = bt * BLOCK_B + tl.arange(0, BLOCK_B)
         w0, w1 = _load_tile(w_ptr, pid, bt, rows, nblk, rs8, BLOCK_R, BLOCK_B)
@@ -347,7 +346,7 @@ def _launch_quantize(weight: torch.Tensor, scale: torch.Tensor, *, from_amax: bo
     elif not from_amax:
         ws2_out.copy_(scale)
     else:
-        ws2_out.copy_(torch.where(scale == 0, 1.0, scale / 2688.0))
+        ws2_out.copy_(global_scale(scale))
     return packed, scales, ws2_out
 
 
