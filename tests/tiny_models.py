@@ -50,3 +50,18 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
     return path
+
+
+def add_byte_tokenizer(path: Path) -> Path:
+    """Give a tiny checkpoint a real tokenizer: byte-level, 256 ids, so any text tokenizes (vocab_size 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[10], model_max_length=128)
+    fast.save_pretrained(path)
+    return path
