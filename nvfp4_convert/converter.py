@@ -134,7 +134,7 @@ def convert(
             log(f"warning: {warning}")
         if dry_run:
             return report
-        dtypes = tuple({TORCH_DTYPES[t.info.dtype] for t in plan.quantized.values()}) or None
+        dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
         report.backend, report.backend_reason = chosen.name, reason
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size)
