@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from . import Backend, reference, register
-from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN
+from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, global_scale
 
 __all__ = ["amax", "available", "quantize", "set_threads", "threads", "warm_up"]
 
@@ -370,7 +370,7 @@ def warm_up(dtypes: tuple[torch.dtype, ...] = _SUPPORTED) -> float:
     _require()
     for dtype in dtypes:
         w = torch.ones(2, BLOCK, dtype=dtype)
-        quantize(w, amax(w) / (E2M1_MAX * E4M3_MAX))
+        quantize(w, global_scale(amax(w)))
     return time.perf_counter() - start
 
 
