@@ -158,22 +158,15 @@ def convert(
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
         report.backend, report.backend_reason = chosen.name, reason
-<<<<<<< HEAD
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size,
                                    calibration=data.fingerprint() if data is not None else None)
-        output = OutputDir(Path(out), fingerprint=fingerprint, overwrite=overwrite)
-        _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log)
-        _write_other_files(source, output.path)
-=======
-        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size)
         copied = _copied_files(source)
         files = [*(s.filename for s in plan.shards), *copied, *sorted(_REWRITTEN)]
         output = OutputDir(Path(out), fingerprint=fingerprint, files=files, sources=_shard_sources(source, plan),
                            overwrite=overwrite, log=log)
-        _write_shards(source, plan, output, chosen, report, progress=progress)
+        _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log)
         for name in copied:
             copy_atomic(source.fetch_file(name), output.path / name)
->>>>>>> main
         _write_final_files(config, plan, output.path)
         report.seconds = time.perf_counter() - started
         output.mark_complete(conversion_info(report, source_revision=source.revision, command=command))
@@ -288,7 +281,8 @@ def _calibrated_input_scales(source: Source, plan: Plan, config: dict, data, out
     from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
 
     stats = collect_statistics(source=source, plan=plan, config=config, data=data,
-                               state_dir=output.path / STATE_DIR / "calibration", progress=progress, log=log)
+                               state_dir=output.path / STATE_DIR / "calibration", state_key=output.fingerprint,
+                               progress=progress, log=log)
     amax, unreached = calibrated_amax(plan, stats)
     log(f"calibration: {stats_summary(stats)}")
     experts = [m for m in unreached if EXPERT_MODULE.match(m)]

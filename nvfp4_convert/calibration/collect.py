@@ -105,7 +105,7 @@ class _Observer(TorchFunctionMode):
 
 
 def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationData, device: str | None = None,
-                       state_dir: Path | None = None, progress: bool = True,
+                       state_dir: Path | None = None, state_key: str = "", progress: bool = True,
                        checkpoint_seconds: float | None = None, batch_tokens: int = BATCH_TOKENS,
                        log: Callable[[str], None] = print) -> dict[str, LinearStats]:
     """Run ``data`` through the source model layer by layer and return each quantized Linear's statistics.
@@ -118,6 +118,7 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
         device: where layers run (default: ``cuda`` when present, else ``cpu``).
         state_dir: where per-layer statistics (and, every ``checkpoint_seconds``, the hidden states) are saved
             atomically, so an interrupted run resumes; None keeps nothing.
+        state_key: what else saved statistics must have been made with (e.g. the conversion's fingerprint).
         checkpoint_seconds: how often to save the hidden states (default :data:`CHECKPOINT_SECONDS`).
         batch_tokens: tokens per forward batch.
     """
@@ -128,7 +129,7 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
     prefix, owner, layer_list = L.decoder_layers(model)
     count = model.config.get_text_config().num_hidden_layers
     by_layer, outside = _tensors_by_layer(plan, prefix, count, where=source.description)
-    store = _StatsStore(state_dir, data.fingerprint(), count) if state_dir is not None else None
+    store = _StatsStore(state_dir, f"{state_key}:{data.fingerprint()}", count) if state_dir is not None else None
 
     done = store.finished_layers() if store else {}
     if len(done) == count:
