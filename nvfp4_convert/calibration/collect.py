@@ -63,6 +63,7 @@ class _Observer(TorchFunctionMode):
                 self.rows.setdefault(param, []).append((first, first + count, name[: -len(".weight")]))
         self.cache: dict[tuple[int, int, int], list[str]] = {}
         self.stats: dict[str, LinearStats] = {}
+        self._last: tuple | None = None  # q/k/v (gate/up) read the same input tensor: reduce it once
 
     def _modules(self, weight: torch.Tensor) -> list[str]:
         key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.numel())
@@ -92,8 +93,12 @@ class _Observer(TorchFunctionMode):
         flat = x.reshape(-1, x.shape[-1])
         if not flat.numel():
             return
-        amax = flat.abs().amax().float()
-        sumsq = flat.float().square().sum(0).double()
+        if self._last is not None and self._last[0] is x and self._last[1] == x._version:
+            amax, sumsq = self._last[2:]
+        else:  # (holding x keeps its memory from being reused by another tensor while cached)
+            amax = flat.abs().amax().float()
+            sumsq = flat.float().square().sum(0).double()
+            self._last = (x, x._version, amax, sumsq)
         for m in modules:
             s = self.stats.get(m)
             if s is None:
