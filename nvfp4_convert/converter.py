@@ -5,45 +5,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import pipeline
-from .configs import hf_quant_config, quant_algo, quantized_model_config, safetensors_index
+from . import __version__, pipeline
+from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .kernels import Backend
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
 from .plan import Plan, build_plan, check_not_quantized
 from .recipes import Recipe, load_recipe
+from .report import Report
 from .safetensors_io import TORCH_DTYPES
 from .sources import Source, open_source
 from .sources.base import PICKLE_SUFFIXES, SAFETENSORS_INDEX
 
 _NOT_COPIED_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", ".partial", *PICKLE_SUFFIXES)
 _REWRITTEN = {"config.json", "hf_quant_config.json", SAFETENSORS_INDEX}
-
-
-@dataclass
-class Report:
-    """What a conversion did (or, with ``dry_run``, would do)."""
-
-    source: str
-    output: Path
-    plan: Plan
-    recipe: Recipe
-    backend: str = ""
-    backend_reason: str = ""
-    activation_policy: str = ""
-    seconds: float = 0.0
-    skipped_shards: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def quant_algo(self) -> str:
-        return quant_algo(self.plan.weight_only)
 
 
 def parse_size(text: str | int) -> int:

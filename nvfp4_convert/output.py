@@ -8,10 +8,10 @@ shards; config files come last, so a folder without ``config.json`` is never a f
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConvertError

@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .constants import BLOCK, quantized_tensors
 from .errors import ConvertError
 from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
 from .sources.base import ShardHeader, TensorInfo
 
-BLOCK = 16
 _QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
                        ".qweight", ".qzeros", ".scales", ".weight_global_scale", ".SCB")
 EXPERT_MODULE = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>[^.]+)$")  # a MoE expert's Linear
@@ -89,15 +89,7 @@ def _module(name: str) -> str | None:
 
 
 def _outputs(module: str, info: TensorInfo, weight_only: bool) -> tuple[OutTensor, ...]:
-    n, k = info.shape
-    outs = [
-        OutTensor(f"{module}.weight", "U8", (n, k // 2)),
-        OutTensor(f"{module}.weight_scale", "F8_E4M3", (n, k // BLOCK)),
-        OutTensor(f"{module}.weight_scale_2", "F32", ()),
-    ]
-    if not weight_only:
-        outs.append(OutTensor(f"{module}.input_scale", "F32", ()))
-    return tuple(outs)
+    return tuple(OutTensor(*spec) for spec in quantized_tensors(module, info.shape, weight_only=weight_only))
 
 
 def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *, where: str) -> dict[str, SourceTensor]:

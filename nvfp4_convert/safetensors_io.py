@@ -8,12 +8,12 @@ the plan and fills each tensor's byte range as it is produced.
 from __future__ import annotations
 
 import hashlib
-import zlib
 import json
 import math
 import mmap
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -54,19 +54,20 @@ def test_backend_is_available_and_registered():
     backend = kernels.get_backend("cpu")
     assert backend.exact and backend.device == "cpu" and backend.available() is None
     assert backend.priority > kernels.get_backend("reference").priority
-    chosen, _ = kernels.select_backend(device="cpu")
+    chosen = next(b for b, why_not in kernels.candidates("cpu") if why_not is None)
     assert chosen.name == "cpu" or chosen.priority > backend.priority
     assert backend.set_threads is cpu.set_threads
 
 
 def test_unavailable_numba_falls_back_to_reference(monkeypatch):
-    monkeypatch.setattr(cpu, "_NUMBA", None)
+    monkeypatch.setattr(cpu, "_KERNELS", None)
     monkeypatch.setattr(cpu, "_LOAD_ERROR", None)
     monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` raise ImportError
+    monkeypatch.delitem(sys.modules, "nvfp4_convert.kernels.numba_kernels", raising=False)
     why_not = cpu.available()
     assert why_not and "numba" in why_not
-    chosen, reason = kernels.select_backend(device="cpu")
-    assert chosen.name != "cpu" and "cpu: numba" in reason
+    chosen = next(b for b, why_not in kernels.candidates("cpu") if why_not is None)
+    assert chosen.name != "cpu" and "numba" in kernels.get_backend("cpu").available()
     with pytest.raises(RuntimeError, match="numba"):
         cpu.quantize(torch.ones(1, 16), f32(1.0))
 

@@ -11,8 +11,8 @@ import warnings
 
 import pytest
 import torch
-
 from checks import load_all, raw_bytes
+
 from nvfp4_convert import convert
 
 DEEPSEEK_LIKE_MODELOPT = """

@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from . import reference
+from . import Backend, reference
 from .common import BLOCK
 
 
@@ -103,9 +103,7 @@ def available_cute_dsl() -> str | None:
     return _why_not(cute_dsl=True)
 
 
-from . import Backend, register  # noqa: E402  (imported by the package after Backend exists)
-
-register(
+BACKENDS = (
     Backend(
         name="flashinfer-cute-dsl",
         quantize=quantize_cute_dsl,
@@ -116,9 +114,7 @@ register(
         priority=300,
         description="FlashInfer CuTe-DSL fp4_quantize; Blackwell (SM100+); approximate reciprocal",
         quantize_device=partial(_quantize, backend="cute-dsl", to_host=False),
-    )
-)
-register(
+    ),
     Backend(
         name="flashinfer-cuda",
         quantize=quantize_cuda,
@@ -129,5 +125,5 @@ register(
         priority=200,
         description="FlashInfer CUDA fp4_quantize; Blackwell (SM100+); approximate reciprocal",
         quantize_device=partial(_quantize, backend="cuda", to_host=False),
-    )
+    ),
 )

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constants import E2M1_BOUNDS, E2M1_GRID
 from . import Backend, candidates, explicit_backend, reference
-from .common import BLOCK, dequantize, global_scale
+from .common import BLOCK, dequantize, global_scale, grid_position, unpack_codes
 
 SCALE_STEP_FRACTION = 0.005
 CODE_STEP_FRACTION = 0.005
@@ -70,8 +71,8 @@ class ProofResult:
 # Probe set
 # ---------------------------------------------------------------------------------------------------
 
-_BOUNDARIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+_BOUNDARIES = E2M1_BOUNDS
+_GRID = E2M1_GRID[:-1]  # 6.0 is listed on its own below
 
 
 def _ties(dtype: torch.dtype) -> torch.Tensor:
@@ -153,9 +154,7 @@ def _first_diff(got: torch.Tensor, want: torch.Tensor) -> str:
 
 def _signed_grid(packed: torch.Tensor) -> torch.Tensor:
     """Packed codes -> signed position on the E2M1 grid (+0 and -0 both 0), one per element."""
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int16)
-    mag = codes & 7
-    return torch.where(codes >= 8, -mag, mag)
+    return grid_position(unpack_codes(packed))
 
 
 def _rms(x: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import Backend
 from .common import BLOCK, global_scale
 
 try:
@@ -350,7 +351,7 @@ def _launch_quantize(weight: torch.Tensor, scale: torch.Tensor, *, from_amax: bo
     return packed, scales, ws2_out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -462,9 +463,7 @@ def available() -> str | None:
     return None
 
 
-from . import Backend, register  # noqa: E402  (imported by the package after Backend exists)
-
-register(
+BACKENDS = (
     Backend(
         name="triton",
         quantize=quantize,
@@ -475,5 +474,5 @@ register(
         priority=100,
         description="Triton kernel, bit-exact with ModelOpt 0.47; any CUDA GPU of compute capability 8.0+",
         quantize_device=quantize_on_device,
-    )
+    ),
 )
