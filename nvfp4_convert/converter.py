@@ -169,13 +169,15 @@ def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
     try:
         backend, reason = selfcheck.select_proven_backend(name, exact=exact, dtypes=dtypes)
     except (KeyError, RuntimeError) as exc:
-        raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
+        raise ConvertError(str(exc).strip("'\""), where="--backend",
+                           fix="Run `nvfp4-convert bench` to list backends") from None
     if threads and backend.set_threads:
         backend.set_threads(threads)
     return backend, reason
 
 
-def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool, shard_size: int) -> str:
+def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool,
+                 shard_size: int) -> str:
     import hashlib
     import json
 
@@ -190,7 +192,8 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, w
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *, progress: bool) -> None:
+def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *,
+                  progress: bool) -> None:
     todo = []
     for shard in plan.shards:
         if output.finished(shard.filename):
@@ -214,4 +217,5 @@ def _write_final_files(config: dict, plan: Plan, out: Path) -> None:
     write_json_atomic(out / "hf_quant_config.json",
                       hf_quant_config(exclude_modules=plan.exclude_modules, weight_only=plan.weight_only), indent=4)
     write_json_atomic(out / "config.json",
-                      quantized_model_config(config, exclude_modules=plan.exclude_modules, weight_only=plan.weight_only))
+                      quantized_model_config(config, exclude_modules=plan.exclude_modules,
+                                             weight_only=plan.weight_only))

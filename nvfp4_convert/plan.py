@@ -92,7 +92,8 @@ def _outputs(module: str, info: TensorInfo, weight_only: bool) -> tuple[OutTenso
     return tuple(OutTensor(*spec) for spec in quantized_tensors(module, info.shape, weight_only=weight_only))
 
 
-def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *, where: str) -> dict[str, SourceTensor]:
+def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *,
+                    where: str) -> dict[str, SourceTensor]:
     """Every source tensor in streaming order (shard, then position), checked against the index."""
     tensors: dict[str, SourceTensor] = {}
     for shard in sorted(headers):
@@ -104,7 +105,8 @@ def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] 
     for name, shard in (weight_map or {}).items():
         if name not in tensors or tensors[name].shard != shard:
             raise ConvertError(f"the index puts {name!r} in {shard}, but that shard does not hold it",
-                               where=f"{where}/model.safetensors.index.json", fix="Re-export or re-download the checkpoint")
+                               where=f"{where}/model.safetensors.index.json",
+                               fix="Re-export or re-download the checkpoint")
     return tensors
 
 

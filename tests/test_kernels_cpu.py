@@ -130,7 +130,8 @@ def test_random_sweep_matches_reference(dtype, kind):
 )
 def test_hypothesis_matches_reference(data, dtype, rows, blocks, ws2_mode):
     values = data.draw(hnp.arrays(np.float32, (rows, 16 * blocks),
-                                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)))
+                                  elements=st.floats(width=32, allow_nan=True, allow_infinity=True,
+                                                     allow_subnormal=True)))
     w = torch.from_numpy(values).to(dtype)
     if ws2_mode == "own":
         ws2 = global_scale(reference.amax(w).nan_to_num(0.0, 0.0, 0.0))
@@ -206,7 +207,8 @@ def test_fp8_scale_rounding_every_boundary():
     assert (6.0 * ws2).item() == 1.0
     fp8 = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
     mids = (fp8[:-1] + fp8[1:]) / 2
-    amax = torch.cat([fp8, mids, torch.tensor([2.0**-10, 2.0**-9 * 0.75, 1.5 * 2**-9, 447.9, 448.0, 460.0, 1e30])]).float()
+    amax = torch.cat([fp8, mids,
+                      torch.tensor([2.0**-10, 2.0**-9 * 0.75, 1.5 * 2**-9, 447.9, 448.0, 460.0, 1e30])]).float()
     amax = torch.cat([amax, torch.nextafter(amax, torch.tensor(0.0)), torch.nextafter(amax, torch.tensor(1e38))])
     gen = torch.Generator().manual_seed(7)
     amax = torch.cat([amax, torch.exp2(torch.rand(4000, generator=gen) * 20 - 11)]).float()
@@ -298,7 +300,8 @@ def test_layout_and_shape_handling():
 def _modelopt_cases():
     gen = torch.Generator().manual_seed(47)
     yield "bf16 normal", (torch.randn(32, 256, generator=gen) * 0.05).bfloat16(), None
-    yield "fp16 heavy", (torch.randn(16, 128, generator=gen) * torch.exp(2 * torch.randn(16, 128, generator=gen))).half(), None
+    heavy = torch.randn(16, 128, generator=gen) * torch.exp(2 * torch.randn(16, 128, generator=gen))
+    yield "fp16 heavy", heavy.half(), None
     yield "fp32 blocky", _sample("blocky", 8, 160, gen), None
     w = torch.tensor([6.0] + BOUNDARIES + [-b for b in BOUNDARIES] + [-0.1]).view(1, 16).repeat(2, 1)
     w[1] = 0.0

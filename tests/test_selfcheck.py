@@ -31,7 +31,8 @@ def _noop(w, ws2):
 
 def _zeros(w, ws2):
     rows, k = w.shape
-    return torch.zeros(rows, k // 2, dtype=torch.uint8), torch.zeros(rows, k // BLOCK, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    scales = torch.zeros(rows, k // BLOCK, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    return torch.zeros(rows, k // 2, dtype=torch.uint8), scales
 
 
 _STALE: dict = {}
@@ -135,14 +136,16 @@ def test_every_available_cpu_backend_is_exact():
 
 
 @pytest.mark.parametrize("exact", [True, False])
-@pytest.mark.parametrize("quantize", [_noop, _zeros, _stale, _stale_patched], ids=["empty", "zeros", "stale", "stale-patched"])
+@pytest.mark.parametrize("quantize", [_noop, _zeros, _stale, _stale_patched],
+                         ids=["empty", "zeros", "stale", "stale-patched"])
 def test_noop_backend_is_refused_as_untouched(quantize, exact):
     with pytest.raises(BackendRefused, match="outputs left untouched: backend did not write its output buffers"):
         prove(_backend("noop", quantize, exact=exact))
 
 
 def test_one_bit_off_is_refused_naming_the_byte():
-    with pytest.raises(BackendRefused, match=r"packed codes differ .* at 1 of 8192 .*row 5, column 9.*'normal/float16'"):
+    with pytest.raises(BackendRefused,
+                       match=r"packed codes differ .* at 1 of 8192 .*row 5, column 9.*'normal/float16'"):
         prove(_backend("bitflip", _one_bit_off))
 
 
@@ -177,7 +180,8 @@ def test_the_same_approximation_is_refused_when_declared_exact():
 
 @pytest.mark.parametrize(
     "quantize,message",
-    [(_nudged(0.005, 1.0), r"E2M1 codes one step off at \d+ of \d+ \(3\.\d+%; tolerance 0\.5%\)"), (_scales_two_steps, "more than one E4M3 step")],
+    [(_nudged(0.005, 1.0), r"E2M1 codes one step off at \d+ of \d+ \(3\.\d+%; tolerance 0\.5%\)"),
+     (_scales_two_steps, "more than one E4M3 step")],
     ids=["nudged-often", "scale-two-steps"],
 )
 def test_approximate_backend_outside_tolerance_is_refused(quantize, message):

@@ -41,11 +41,13 @@ def _why_not(*, cute_dsl: bool) -> str | None:
         return "no CUDA GPU"
     major, minor = torch.cuda.get_device_capability()
     if major < 10:
-        return f"needs SM100+ (Blackwell); this GPU is SM{major}{minor}, where FlashInfer's FP4 quantize is a silent no-op"
+        return (f"needs SM100+ (Blackwell); this GPU is SM{major}{minor}, where FlashInfer's FP4 quantize is a "
+                "silent no-op")
     return None
 
 
-def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.Tensor, scales_u8: torch.Tensor) -> None:
+def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.Tensor,
+                         scales_u8: torch.Tensor) -> None:
     """Re-quantize, in place, the blocks to which FlashInfer gave scale 0 (all-zero or tiny blocks)."""
     rows, cols = (scales_u8 == 0).nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -56,7 +58,8 @@ def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.
     scales_u8[rows, cols] = s.view(torch.uint8)[:, 0]
 
 
-def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str, to_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str,
+              to_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     import flashinfer
 
     w = (weight if weight.is_cuda else weight.to("cuda")).contiguous()
