@@ -40,10 +40,10 @@ class Unit:
     kept: str | None = None  # a tensor copied byte for byte
     outputs: tuple[OutTensor, ...] = ()
     sources: frozenset[str] = frozenset()  # source shards it reads
+    nbytes: int = field(init=False, compare=False, repr=False)  # of its outputs
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.outputs)
+    def __post_init__(self):
+        object.__setattr__(self, "nbytes", sum(t.nbytes for t in self.outputs))
 
 
 @dataclass
@@ -181,10 +181,8 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
                               sources=frozenset({t.shard})))
 
     exclude = _exclude_modules(config, tensors, linear_like, quantized, groups, recipe)
-    for entry in exclude:
-        clash = next((m for m in engine_names(quantized, groups, recipe) if "*" not in entry and entry in m), None)
-        if clash:
-            warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
+    for entry, clash in substring_clashes(exclude, engine_names(quantized, groups, recipe)).items():
+        warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
                 shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
                 weight_only=weight_only, warnings=warnings, kept_reasons=kept_reasons, headers=headers)
@@ -247,6 +245,22 @@ def engine_names(quantized: dict, groups: list[tuple[str, ...]], recipe: Recipe)
     return names
 
 
+def substring_clashes(entries: list[str], names: list[str]) -> dict[str, str]:
+    """Exact (wildcard-free) ``entries`` that are a substring of one of ``names``, with the first such name.
+
+    vLLM also skips a module when an exclusion is a plain substring of its name. One search of each
+    entry through all names joined together keeps this linear in their total length.
+    """
+    joined = "\n" + "\n".join(names) + "\n"
+    clashes = {}
+    for entry in entries:
+        if "*" in entry or "\n" in entry or (at := joined.find(entry)) < 0:
+            continue
+        start = joined.rfind("\n", 0, at) + 1
+        clashes[entry] = joined[start : joined.index("\n", at)]
+    return clashes
+
+
 def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe) -> list[str]:
     """``exclude_modules``: exact names of every unquantized Linear-like module (never bare prefixes)."""
     names = {m for m in linear_like if m not in quantized}
@@ -264,12 +278,15 @@ def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Re
 
 def _layout_shards(units: list[Unit], max_shard_size: int) -> list[OutputShard]:
     shards: list[OutputShard] = [OutputShard("")]
+    size = 0  # of the last shard, kept as a running sum: plans hold ~10^5 units
     for unit in units:
         current = shards[-1]
-        if current.units and current.nbytes + unit.nbytes > max_shard_size:
+        if current.units and size + unit.nbytes > max_shard_size:
             current = OutputShard("")
             shards.append(current)
+            size = 0
         current.units.append(unit)
+        size += unit.nbytes
     total = len(shards)
     for i, shard in enumerate(shards, 1):
         shard.filename = f"model-{i:05d}-of-{total:05d}.safetensors"

@@ -14,7 +14,7 @@ import mmap
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -207,10 +207,10 @@ class OutTensor:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    nbytes: int = field(init=False, compare=False, repr=False)
 
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+    def __post_init__(self):
+        object.__setattr__(self, "nbytes", math.prod(self.shape) * DTYPE_SIZES[self.dtype])
 
 
 def layout(tensors: list[OutTensor], metadata: dict[str, str] | None = None) -> tuple[bytes, dict[str, int]]:

@@ -30,7 +30,7 @@ def recompute_check(src: Path, out: Path, *, weight_only: bool = False) -> dict:
     """Recompute every quantized tensor of ``out`` from ``src`` and compare bytes; kept tensors must be identical.
 
     Groups are rebuilt from the written ``weight_scale_2`` values: modules sharing one must be exactly
-    the fused partners (q/k/v, gate/up, w1/w3) and their value must be max|W| over the group / 2688.
+    the fused partners (q/k/v, gate/up, w1/w3) and their value must be ``global_scale`` of max|W| over the group.
     """
     source, result = load_all(src), load_all(out)
     config = json.loads((out / "config.json").read_text())

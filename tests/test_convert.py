@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from checks import load_all, recompute_check
 from safetensors.torch import save_file
 
+from checks import load_all, recompute_check
 from nvfp4_convert import ConvertError, convert
 from nvfp4_convert.output import STATE_DIR
 

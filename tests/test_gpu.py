@@ -256,3 +256,49 @@ def test_cuda_bench_times_graphs_and_relates_to_copy(tmp_path):
     for r in rows.values():
         assert 0 < r["of_copy_bandwidth"] < r["of_copy_bandwidth_moved"]
     assert rows["triton"]["speedup_vs_reference"] > 1
+
+
+def _modelopt_cuda_results() -> dict:
+    """ModelOpt 0.47 on this GPU for every ``oracle_cases`` tensor: run here, or saved by
+    ``python tests/oracle_cases.py FILE`` where ModelOpt is installed and named by ``NVFP4_MODELOPT_CUDA``."""
+    import os
+
+    from oracle_cases import cases, modelopt_quantize
+
+    saved = os.environ.get("NVFP4_MODELOPT_CUDA")
+    if saved:
+        return torch.load(saved)["results"]
+    if importlib.util.find_spec("modelopt") is None:
+        pytest.skip("needs nvidia-modelopt here, or NVFP4_MODELOPT_CUDA naming its saved CUDA results")
+    return {name: tuple(t.cpu() for t in modelopt_quantize(w.cuda())) for name, w in cases()}
+
+
+def test_every_backend_equals_modelopt_on_cuda():
+    """weight_scale_2, block scales and codes of ModelOpt's GPU export, on every exact backend and device."""
+    from nvfp4_convert.kernels import cpu
+    from oracle_cases import cases
+
+    results = _modelopt_cuda_results()
+    ws2_not_quotient = 0
+    for name, w in cases():
+        packed, scales, ws2 = results[name]
+        amax = reference.amax(w)
+        ws2_not_quotient += bool(ws2 != amax / 2688.0)
+        assert global_scale(amax).view(torch.int32) == ws2.view(torch.int32), name
+        assert global_scale(amax.cuda()).cpu().view(torch.int32) == ws2.view(torch.int32), name
+        got = {
+            "reference-cpu": reference.quantize(w, global_scale(amax)),
+            "reference-cuda": reference.quantize(w.cuda(), global_scale(amax.cuda())),
+            "triton": triton_kernel.quantize(w, ws2),
+        }
+        if cpu.available() is None:
+            got["cpu"] = cpu.quantize(w, global_scale(cpu.amax(w)))
+        t_packed, t_scales, t_ws2 = triton_kernel.quantize_device(w.cuda())  # global scale inside the kernel
+        got["triton-fused"] = (t_packed, t_scales)
+        assert t_ws2.cpu().view(torch.int32) == ws2.view(torch.int32), name
+        for backend, (p, s) in got.items():
+            assert torch.equal(s.cpu().view(torch.uint8), scales), (backend, name)
+            assert torch.equal(p.cpu(), packed), (backend, name)
+    print(f"\nModelOpt on CUDA == reference (CPU, CUDA), cpu, triton, triton-fused on {len(results)} tensors; "
+          f"weight_scale_2 differs from amax/2688 in {ws2_not_quotient}")
+    assert len(results) >= 200 and ws2_not_quotient > 0

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import HfApi
-from tiny_models import build_tiny
 
 from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.sources import LocalSource
 from nvfp4_convert.sources import hub as hub_module
 from nvfp4_convert.sources.hub import HubSource
+from tiny_models import build_tiny
 
 TOKEN = "hf_fakeSecretToken1234567890"
 REPO = "org/tiny-llama"

@@ -2,6 +2,11 @@
 
 ModelOpt calibrates activations, so ``input_scale`` values differ (ours are the data-free 1.0); every
 other tensor, its dtype and shape, and both config files must be identical.
+
+Users run ModelOpt on a GPU, where its ``amax / (6.0 * 448.0)`` is a multiplication by fl(1/2688)
+(see ``cuda_division.py``). ModelOpt runs here under :class:`CudaScalarDivision`, which makes exactly that
+one substitution inside ModelOpt's own code, and each test also checks that its model holds a global scale
+where the GPU and CPU arithmetics differ by an ulp, so a converter that divided would fail.
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ import warnings
 
 import pytest
 import torch
-from checks import load_all, raw_bytes
 
+from checks import load_all, raw_bytes
+from cuda_division import CudaScalarDivision
 from nvfp4_convert import convert
+from nvfp4_convert.kernels.common import INV_GLOBAL
 
 DEEPSEEK_LIKE_MODELOPT = """
 name = "deepseek-all"
@@ -36,7 +43,23 @@ def modelopt_export(src, dst):
     def calibrate(m):
         m(torch.randint(0, vocab, (2, 16)))
 
-    export_hf_checkpoint(mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate), export_dir=dst)
+    with CudaScalarDivision() as mode:
+        export_hf_checkpoint(mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate), export_dir=dst)
+    assert mode.count > 0
+
+
+def assert_discriminates(source, exported):
+    """Some exported ``weight_scale_2`` is ``amax * fl(1/2688)`` for an amax where ``amax / 2688`` differs.
+
+    A group's amax is one of its members' amax, so each module's own amax is tried.
+    """
+    found = []
+    for name, ws2 in exported.items():
+        if name.endswith(".weight_scale_2"):
+            own = source[name.removesuffix("_scale_2")].abs().amax().float()
+            if ws2 == own * INV_GLOBAL and ws2 != own / 2688.0:
+                found.append(name)
+    assert found, "no global scale in this model tells GPU from CPU arithmetic; pick another seed"
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3"])
@@ -51,6 +74,7 @@ def test_matches_modelopt_export(kind, tiny, tmp_path):
     convert(str(src), tmp_path / "ours", max_shard_size="30KB", progress=False, **options)
     theirs, ours = load_all(tmp_path / "modelopt"), load_all(tmp_path / "ours")
     assert sorted(theirs) == sorted(ours)
+    assert_discriminates(load_all(src), theirs)
     for name, t in theirs.items():
         if t.dtype == torch.float32 and ours[name].dtype == torch.bfloat16 and kind == "deepseek_v3":
             # transformers holds DeepSeek's router in float32; ModelOpt saves that, we copy the source bytes
@@ -65,3 +89,25 @@ def test_matches_modelopt_export(kind, tiny, tmp_path):
             a = json.loads((tmp_path / "modelopt" / filename).read_text())[key]
             b = json.loads((tmp_path / "ours" / filename).read_text())[key]
             assert a == b, filename
+
+
+def test_random_tensors_match_modelopt_gpu_arithmetic():
+    """Reference and numba backends equal ModelOpt's quantizer, GPU arithmetic, on 240 tensors."""
+    pytest.importorskip("modelopt.torch.quantization")
+    from nvfp4_convert.kernels import cpu, reference
+    from nvfp4_convert.kernels.common import global_scale
+    from oracle_cases import cases, modelopt_quantize
+
+    backends = [reference] + ([cpu] if cpu.available() is None else [])
+    ulp_apart = 0
+    for name, w in cases():
+        with CudaScalarDivision():
+            packed, scales, ws2 = modelopt_quantize(w.clone())
+        amax = reference.amax(w)
+        ulp_apart += bool(ws2 != amax / 2688.0)
+        assert raw_bytes(global_scale(amax)) == raw_bytes(ws2), name
+        for backend in backends:
+            got_packed, got_scales = backend.quantize(w, global_scale(backend.amax(w)))
+            assert torch.equal(got_scales.view(torch.uint8), scales), (backend.__name__, name)
+            assert torch.equal(got_packed, packed), (backend.__name__, name)
+    assert ulp_apart >= 20  # the cases tell the two arithmetics apart; a divider would fail above

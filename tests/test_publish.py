@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
-from tiny_models import build_tiny
 from typer.testing import CliRunner
 
 from nvfp4_convert import ConvertError, convert
@@ -14,6 +13,7 @@ from nvfp4_convert.cli import app
 from nvfp4_convert.output import STATE_DIR
 from nvfp4_convert.publish import push
 from nvfp4_convert.verify import verify
+from tiny_models import build_tiny
 
 TOKEN = "hf_fakeTokenThatMustNeverLeak0123456789"
 SOURCE_CARD = ("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: https://example.com/LICENSE\n---\n"

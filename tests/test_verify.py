@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_models import build_tiny
 from typer.testing import CliRunner
 
 from nvfp4_convert import convert
@@ -18,6 +17,7 @@ from nvfp4_convert.cli import app
 from nvfp4_convert.safetensors_io import read_header
 from nvfp4_convert.sources import open_source
 from nvfp4_convert.verify import verify
+from tiny_models import build_tiny
 
 Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"

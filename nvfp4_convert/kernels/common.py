@@ -12,15 +12,23 @@ __all__ = ["BLOCK", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "SCALE_MIN", "dequant
 
 E2M1_VALUES = torch.tensor(_E2M1_VALUES)  # value of each 4-bit code, as a float32 lookup table
 
+# ModelOpt computes global scales as ``amax / (6.0 * 448.0)``, dividing by a Python number, and its exports
+# run on CUDA. There PyTorch replaces a division by a CPU scalar with a multiplication by the scalar's
+# float32 reciprocal (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu: ``inv_b = opmath_t(1.0) / b``,
+# then ``a * inv_b``), which differs from the quotient by one ulp for about a quarter of all amax values.
+# ``INV_GLOBAL`` is that float32 reciprocal, fl(1/2688) = 0x1.861862p-12, exactly representable as a float.
+INV_GLOBAL = float.fromhex("0x1.861862p-12")
+
 
 def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
-    """``weight_scale_2`` (float32, 0-dim) for a group whose max|W| is ``amax``: ``amax / (6 * 448)``.
+    """``weight_scale_2`` (or ``input_scale``), float32 0-dim, for a group whose max|x| is ``amax``.
 
-    An all-zero group would give 0 and then 0/0 block scales; it gets 1.0 instead, which dequantizes
-    the (all-zero) codes to exactly 0 as well. Stays on ``amax``'s device without a host sync.
+    The value ModelOpt's export writes on a GPU: ``amax * fl(1/2688)`` rounded once to float32, the same
+    on every device. An all-zero group would give 0 and then 0/0 block scales; it gets 1.0 instead, which
+    dequantizes the (all-zero) codes to exactly 0 as well. Stays on ``amax``'s device without a host sync.
     """
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax == 0, torch.ones_like(amax), amax / (E2M1_MAX * E4M3_MAX))
+    return torch.where(amax == 0, torch.ones_like(amax), amax * INV_GLOBAL)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
