@@ -100,7 +100,9 @@ def convert(
     started = time.perf_counter()
     source = open_source(src, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir,
                          keep_source=keep_source)
+    output = None
     try:
+        check_apart(source, Path(out))
         config = _read_config(source)
         recipe = load_recipe(config=config, recipe_file=recipe_file, extra_excludes=excludes)
         shard_size = parse_size(max_shard_size)
@@ -113,18 +115,24 @@ def convert(
             log(f"warning: {warning}")
         if dry_run:
             return report
-        dtypes = tuple({TORCH_DTYPES[t.info.dtype] for t in plan.quantized.values()}) or None
+        dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
         report.backend, report.backend_reason = chosen.name, reason
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size)
-        output = OutputDir(Path(out), fingerprint=fingerprint, overwrite=overwrite)
+        copied = _copied_files(source)
+        files = [*(s.filename for s in plan.shards), *copied, *sorted(_REWRITTEN)]
+        output = OutputDir(Path(out), fingerprint=fingerprint, files=files, sources=_shard_sources(source, plan),
+                           overwrite=overwrite, log=log)
         _write_shards(source, plan, output, chosen, report, progress=progress)
-        _write_other_files(source, output.path)
+        for name in copied:
+            copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
         report.seconds = time.perf_counter() - started
         output.mark_complete(conversion_info(report, source_revision=source.revision, command=command))
         return report
     finally:
+        if output is not None:
+            output.close()
         source.close()
 
 
@@ -203,11 +211,33 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
     pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress)
 
 
-def _write_other_files(source: Source, out: Path) -> None:
-    for name in source.files:
-        if name in _REWRITTEN or name.endswith(_NOT_COPIED_SUFFIXES) or name.startswith(STATE_DIR):
-            continue
-        copy_atomic(source.fetch_file(name), out / name)
+def _copied_files(source: Source) -> list[str]:
+    """The source's non-weight files that go into the output as they are (tokenizer, card, license, ...)."""
+    return [name for name in source.files
+            if name not in _REWRITTEN and not name.endswith(_NOT_COPIED_SUFFIXES) and not name.startswith(STATE_DIR)]
+
+
+def _shard_sources(source: Source, plan: Plan) -> dict[str, dict[str, str]]:
+    """For each output shard, the fingerprint of every source shard it is made from."""
+    prints = source.shard_fingerprints()
+    return {shard.filename: {s: prints[s] for s in sorted(set().union(*(u.sources for u in shard.units)))}
+            for shard in plan.shards}
+
+
+def check_apart(source: Source, out: Path) -> None:
+    """Refuse an output folder that is, holds, or lies inside the source or its download folder, links followed."""
+    target = out.expanduser().resolve()
+    roots = [r.resolve() for r in source.local_roots()]
+    for root in roots:
+        if target == root or root.is_relative_to(target) or target.is_relative_to(root):
+            how = "is" if target == root else "holds" if root.is_relative_to(target) else "is inside"
+            raise ConvertError(f"the output folder {how} the source folder {root}", where=str(out),
+                               fix="Choose an output folder outside the source (and not containing it)")
+    for name in source.local_files():
+        real = name.resolve()
+        if real.is_relative_to(target):
+            raise ConvertError(f"the output folder holds the source file {real} (through a link)", where=str(out),
+                               fix="Choose an output folder outside the source (and not containing it)")
 
 
 def _write_final_files(config: dict, plan: Plan, out: Path) -> None:

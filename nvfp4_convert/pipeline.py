@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConvertError
+from .fp8 import check_scale_values, dequantize
 from .kernels import Backend
 from .kernels.common import global_scale
 from .output import OutputDir
@@ -30,21 +31,32 @@ from .sources import Source
 CHUNK_BYTES = 32 * 1024 * 1024
 GPU_CHUNK_BYTES = 1024 * 1024 * 1024
 WRITE_QUEUE_BYTES = 256 * 1024 * 1024  # results waiting for the writer thread
+BUDGET_LARGEST, MIN_BUDGET_BYTES = 2, 256 * 1024 * 1024  # read-ahead: 2x the largest tensor, at least 256 MiB
 _ONE = torch.tensor(1.0, dtype=torch.float32)
 
 
 def unit_tensors(unit: Unit) -> list[str]:
-    """The source tensors a unit reads."""
+    """The source tensors a unit produces its outputs from (FP8 scales aside: see ``Plan.reads``)."""
     return [unit.kept] if unit.kept else [f"{m}.weight" for m in unit.modules]
+
+
+def unit_bytes(unit: Unit, plan: Plan) -> int:
+    """Memory a unit holds while in flight: its source bytes, and the BF16 dequantization of FP8 weights."""
+    total = 0
+    for name in unit_tensors(unit):
+        total += sum(plan.tensors[r].info.nbytes for r in plan.reads(name))
+        if name in plan.fp8:
+            total += 2 * plan.tensors[name].info.nbytes
+    return total
 
 
 def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputShard], backend: Backend,
         progress: bool = True) -> None:
     """Produce ``shards`` (the plan's unfinished output shards) into ``output``."""
     steps = [(i, unit) for i, shard in enumerate(shards) for unit in shard.units]
-    sizes = [sum(plan.tensors[t].info.nbytes for t in unit_tensors(u)) for _, u in steps]
+    sizes = [unit_bytes(u, plan) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
-    budget = max(2 * largest, 256 * 1024 * 1024)
+    budget = max(BUDGET_LARGEST * largest, MIN_BUDGET_BYTES)
     device = "cuda" if backend.device == "cuda" else None
 
     # Source shards are held from the first unit that reads them to the last one, so the disk holds
@@ -170,33 +182,59 @@ def _load(unit: Unit, plan: Plan, paths: dict[str, Path], whole: bool, device: s
     """
     if not whole:
         return None
-    loaded = _Loaded({name: map_tensor(paths[plan.tensors[name].shard], plan.headers[plan.tensors[name].shard], name)
-                      for name in unit_tensors(unit)})
-    if unit.kept:
+    names = unit_tensors(unit)
+    loaded = _Loaded({name: _map(name, plan, paths) for name in names})
+    if unit.kept and unit.kept not in plan.fp8:
         return loaded
     stream = torch.cuda.Stream() if device else None
     with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-        for name, t in loaded.tensors.items():
+        for name in names:
+            t = loaded.tensors[name]
             if device:
-                loaded.tensors[name] = t = t.to(device, non_blocking=False)
-            loaded.amax[name] = _amax(t, backend).cpu()
+                t = t.to(device, non_blocking=False)
+            if name in plan.fp8:  # dequantized here, where the copy to a device is still FP8-sized
+                out = torch.empty(t.shape, dtype=torch.bfloat16, device=t.device)
+                for start, rows in _rows(name, plan, paths, None, weight=t):
+                    out[start : start + len(rows)] = rows
+                t = out.cpu() if unit.kept else out  # a kept tensor goes to the writer
+            loaded.tensors[name] = t
+            if not unit.kept:
+                loaded.amax[name] = _amax(t, backend).cpu()
     if stream:
         stream.synchronize()
     return loaded
 
 
-def _amax(weight: torch.Tensor, backend: Backend) -> torch.Tensor:
+def _amax(weight: torch.Tensor | Iterator[tuple[int, torch.Tensor]], backend: Backend) -> torch.Tensor:
     """max|weight| in row chunks (float32 0-dim on the weight's device)."""
     amax = None
-    for _, w in _chunks(weight):
+    for _, w in _chunks(weight) if isinstance(weight, torch.Tensor) else weight:
         part = backend.amax(w)
         amax = part if amax is None else torch.maximum(amax, part)
     return amax if amax is not None else torch.tensor(0.0)
 
 
-def _tensor(name: str, plan: Plan, paths: dict[str, Path], loaded: _Loaded | None) -> torch.Tensor:
+def _map(name: str, plan: Plan, paths: dict[str, Path]) -> torch.Tensor:
     t = plan.tensors[name]
-    return loaded.tensors[name] if loaded is not None else map_tensor(paths[t.shard], plan.headers[t.shard], name)
+    return map_tensor(paths[t.shard], plan.headers[t.shard], name)
+
+
+def _rows(name: str, plan: Plan, paths: dict[str, Path], loaded: _Loaded | None,
+          weight: torch.Tensor | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first_row, rows)`` chunks of source weight ``name`` as it is quantized: FP8 ones dequantized."""
+    if loaded is not None:
+        yield from _chunks(loaded.tensors[name])
+        return
+    weight = _map(name, plan, paths) if weight is None else weight
+    if name not in plan.fp8:
+        yield from _chunks(weight)
+        return
+    spec = plan.fp8[name]
+    scale = _map(spec.scale, plan, paths)
+    check_scale_values(scale, spec.scale, where=plan.tensors[spec.scale].shard)
+    scale = scale.to(weight.device)
+    for start, rows in _chunks(weight):
+        yield start, dequantize(rows, scale, spec.block, row_start=start)
 
 
 def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -211,22 +249,26 @@ def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
              writes: _Writes, backend: Backend) -> None:
     if unit.kept:
-        data = _tensor(unit.kept, plan, paths, loaded)
-        writes.submit(writer.write, unit.kept, data, nbytes=data.numel() * data.element_size())
+        if loaded is not None or unit.kept not in plan.fp8:
+            data = loaded.tensors[unit.kept] if loaded is not None else _map(unit.kept, plan, paths)
+            writes.submit(writer.write, unit.kept, data, nbytes=data.numel() * data.element_size())
+            return
+        for start, rows in _rows(unit.kept, plan, paths, None):  # an FP8 tensor too large to hold dequantized
+            at = start * rows[:1].numel() * rows.element_size()
+            writes.submit(writer.write, unit.kept, rows, at, nbytes=rows.numel() * rows.element_size())
         return
     group_amax = torch.tensor(0.0)
     for module in unit.modules:
         name = f"{module}.weight"
-        amax = loaded.amax[name] if loaded is not None else _amax(_tensor(name, plan, paths, None), backend).cpu()
+        amax = loaded.amax[name] if loaded is not None else _amax(_rows(name, plan, paths, None), backend).cpu()
         if not torch.isfinite(amax):
             raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
                                fix="Fix the source weights, or --exclude this module to keep it unquantized")
         group_amax = torch.maximum(group_amax, amax)
     ws2 = global_scale(group_amax).reshape(())
     for module in unit.modules:
-        weight = _tensor(f"{module}.weight", plan, paths, loaded)
-        k = weight.shape[1]
-        for start, w in _chunks(weight):
+        k = plan.tensors[f"{module}.weight"].info.shape[1]
+        for start, w in _rows(f"{module}.weight", plan, paths, loaded):
             packed, scales = backend.quantize(w, ws2)
             writes.submit(writer.write, f"{module}.weight", packed, start * (k // 2), nbytes=packed.numel())
             writes.submit(writer.write, f"{module}.weight_scale", scales, start * (k // 16), nbytes=scales.numel())

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from .constants import BLOCK, quantized_tensors
 from .errors import ConvertError
+from .fp8 import DROPPED_SUFFIXES, Fp8Weight, fp8_weights, source_flavour
 from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
 from .sources.base import ShardHeader, TensorInfo
@@ -37,7 +38,7 @@ class Unit:
     """Work done in one go and written to one output shard: a fusion group, or one kept tensor."""
 
     modules: tuple[str, ...] = ()  # quantized modules sharing one weight_scale_2 / input_scale
-    kept: str | None = None  # a tensor copied byte for byte
+    kept: str | None = None  # a tensor copied byte for byte (an FP8 one: dequantized to BF16)
     outputs: tuple[OutTensor, ...] = ()
     sources: frozenset[str] = frozenset()  # source shards it reads
     nbytes: int = field(init=False, compare=False, repr=False)  # of its outputs
@@ -74,6 +75,16 @@ class Plan:
     warnings: list[str]
     kept_reasons: dict[str, str]  # module -> why it stays high precision
     headers: dict[str, ShardHeader]
+    fp8: dict[str, Fp8Weight] = field(default_factory=dict)  # FP8 source weight -> its scale
+    fp8_flavour: str | None = None
+
+    def reads(self, name: str) -> list[str]:
+        """The source tensors needed to produce weight ``name`` (an FP8 one needs its scale too)."""
+        return [name, self.fp8[name].scale] if name in self.fp8 else [name]
+
+    def compute_dtype(self, name: str) -> str:
+        """The dtype source tensor ``name`` is quantized or written in (FP8 weights: BF16)."""
+        return "BF16" if name in self.fp8 else self.tensors[name].info.dtype
 
     @property
     def bytes_in(self) -> int:
@@ -110,14 +121,14 @@ def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] 
     return tensors
 
 
-def check_not_quantized(config: dict, tensors: dict[str, SourceTensor], *, where: str) -> None:
-    """Refuse sources that are already quantized (FP8, GPTQ, NVFP4, ...)."""
-    qc = config.get("quantization_config")
-    if qc:
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        raise ConvertError(f"the source is already quantized (quant_method={method})", where=f"{where}/config.json",
-                           fix="Convert from the BF16/FP16 checkpoint instead")
+def check_not_quantized(config: dict, tensors: dict[str, SourceTensor], *, where: str,
+                        handled: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse sources that are already quantized (GPTQ, NVFP4, ...), except the FP8 flavours that
+    dequantize (their weights and scales are ``handled``)."""
+    fp8 = source_flavour(config, where=where)
     for name, t in tensors.items():
+        if name in handled or fp8 is not None and t.info.dtype == "F8_E4M3":
+            continue
         if name.endswith(_QUANTIZED_SUFFIXES) or (name.endswith(".weight") and t.info.dtype.startswith("F8")):
             raise ConvertError(f"the source is already quantized (tensor {name!r}, {t.info.dtype})", where=where,
                                fix="Convert from the BF16/FP16 checkpoint instead")
@@ -137,16 +148,22 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
         where: the source's description, for messages.
     """
     tensors = collect_tensors(headers, weight_map, where=where)
-    check_not_quantized(config, tensors, where=where)
+    flavour = source_flavour(config, where=where)
+    fp8, not_carried = fp8_weights(flavour, tensors, where=where)
+    check_not_quantized(config, tensors, where=where, handled=not_carried)
     warnings: list[str] = []
+    if dropped := sorted(n for n in not_carried if n.endswith(DROPPED_SUFFIXES)):
+        warnings.append(f"{len(dropped)} activation/KV-cache scales of the FP8 source (e.g. {dropped[0]}) do not "
+                        "apply to NVFP4 and are dropped")
+    tensors_out = {n: t for n, t in tensors.items() if n not in not_carried}
     kept_reasons: dict[str, str] = {}
 
-    linear_like = {m: t for n, t in tensors.items() if (m := _module(n)) and len(t.info.shape) >= 2}
+    linear_like = {m: t for n, t in tensors_out.items() if (m := _module(n)) and len(t.info.shape) >= 2}
     candidates: dict[str, SourceTensor] = {}
     for module, t in linear_like.items():
         if not recipe.matches("quantize", module) or recipe.matches("exclude", module):
             kept_reasons[module] = "excluded by recipe"
-        elif len(t.info.shape) != 2 or t.info.dtype not in FLOAT_DTYPES:
+        elif len(t.info.shape) != 2 or t.info.dtype not in FLOAT_DTYPES and t.name not in fp8:
             kept_reasons[module] = f"not a 2-D float weight ({t.info.dtype}{list(t.info.shape)})"
         elif t.info.shape[1] % BLOCK:
             kept_reasons[module] = f"in_features {t.info.shape[1]} is not a multiple of 16"
@@ -161,12 +178,15 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     _keep_experts_together(linear_like, candidates, kept_reasons, warnings)
 
     quantized = dict(candidates)
-    position = {_module(n): i for i, n in enumerate(tensors) if n.endswith(".weight")}
+    position = {_module(n): i for i, n in enumerate(tensors_out) if n.endswith(".weight")}
     group_of = {m: tuple(sorted(g, key=position.__getitem__)) for g in groups for m in g}
     quant_groups: list[tuple[str, ...]] = []
     units: list[Unit] = []
     emitted: set[str] = set()
-    for name, t in tensors.items():
+    def shards_of(names) -> frozenset[str]:
+        return frozenset(tensors[r].shard for n in names for r in ([n, fp8[n].scale] if n in fp8 else [n]))
+
+    for name, t in tensors_out.items():
         module = _module(name)
         if module in quantized:
             if module in emitted:
@@ -175,17 +195,18 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
             emitted.update(members)
             quant_groups.append(members)
             outs = tuple(o for m in members for o in _outputs(m, quantized[m].info, weight_only))
-            units.append(Unit(modules=members, outputs=outs, sources=frozenset(quantized[m].shard for m in members)))
+            units.append(Unit(modules=members, outputs=outs, sources=shards_of(f"{m}.weight" for m in members)))
         else:
-            units.append(Unit(kept=name, outputs=(OutTensor(name, t.info.dtype, t.info.shape),),
-                              sources=frozenset({t.shard})))
+            dtype = "BF16" if name in fp8 else t.info.dtype
+            units.append(Unit(kept=name, outputs=(OutTensor(name, dtype, t.info.shape),), sources=shards_of([name])))
 
-    exclude = _exclude_modules(config, tensors, linear_like, quantized, groups, recipe)
+    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe)
     for entry, clash in substring_clashes(exclude, engine_names(quantized, groups, recipe)).items():
         warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
                 shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
-                weight_only=weight_only, warnings=warnings, kept_reasons=kept_reasons, headers=headers)
+                weight_only=weight_only, warnings=warnings, kept_reasons=kept_reasons, headers=headers, fp8=fp8,
+                fp8_flavour=flavour.flavour if flavour else None)
 
 
 def fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[tuple[str, ...]]:

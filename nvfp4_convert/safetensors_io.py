@@ -255,7 +255,7 @@ class ShardWriter:
             self._pwrite(head, 0)
         except OSError as exc:
             self.abort()
-            raise _io_error(exc, path) from None
+            raise write_error(exc, path) from None
 
     def write(self, name: str, data: bytes | bytearray | memoryview | torch.Tensor, at: int = 0) -> None:
         """Write ``data`` into tensor ``name`` starting at byte ``at`` of that tensor."""
@@ -272,7 +272,7 @@ class ShardWriter:
             self._pwrite(view, self.offsets[name] + at)
         except OSError as exc:
             self.abort()
-            raise _io_error(exc, self.path) from None
+            raise write_error(exc, self.path) from None
 
     def _pwrite(self, view, offset: int) -> None:
         view = memoryview(view)
@@ -288,7 +288,7 @@ class ShardWriter:
             os.replace(self.partial, self.path)
         except OSError as exc:
             self.abort()
-            raise _io_error(exc, self.path) from None
+            raise write_error(exc, self.path) from None
 
     def digest(self) -> str:
         """:func:`shard_digest` of the finished shard (call after every write)."""
@@ -334,10 +334,40 @@ def shard_digest(path: Path) -> str:
     return hashlib.sha256(head + b"".join(parts)).hexdigest()
 
 
-def _io_error(exc: OSError, path: Path) -> ConvertError:
+SAMPLE_BLOCKS = 64  # evenly spaced blocks of the data section
+SAMPLE_BLOCK_BYTES = 4096
+SAMPLE_TENSOR_BYTES = 64  # from the start of every tensor
+
+
+def sampled_digest(path: Path, header: ShardHeader) -> str:
+    """sha256 over a sample of a shard's tensor data: the first 64 bytes of every tensor and 64 evenly
+    spaced 4 KiB blocks (about 256 KiB plus 64 bytes a tensor, whatever the shard's size).
+
+    Any re-export or replacement of the weights changes it (two different trainings agree in no
+    sampled byte); together with size and mtime it tells a changed local source without reading it.
+    """
+    digest = hashlib.sha256()
+    data_len = header.file_size - header.data_start
+    ordered = sorted(header.tensors.values(), key=lambda t: t.data_offsets)
+    starts = [header.data_start + t.data_offsets[0] for t in ordered]
+    reads = [(s, SAMPLE_TENSOR_BYTES) for s in starts]
+    if data_len > 0:
+        step = max(data_len // SAMPLE_BLOCKS, 1)
+        reads += [(header.data_start + i * step, SAMPLE_BLOCK_BYTES)
+                  for i in range(SAMPLE_BLOCKS) if i * step < data_len]
+    with open(path, "rb") as f:
+        for start, length in sorted(reads):
+            f.seek(start)
+            digest.update(f.read(length))
+    return digest.hexdigest()
+
+
+def write_error(exc: OSError, path: Path) -> ConvertError:
+    """The one line for a failed write: disk full, or whatever else the OS refused."""
     import errno
 
     if exc.errno == errno.ENOSPC:
         return ConvertError("disk full while writing", where=str(path),
                             fix="Free space (see --dry-run for the output size) and re-run the same command to resume")
-    return ConvertError(f"cannot write: {exc.strerror}", where=str(path), fix="Check the output folder")
+    return ConvertError(f"cannot write: {exc.strerror or exc}", where=str(path),
+                        fix="Check the output folder's permissions and free space, then re-run to resume")

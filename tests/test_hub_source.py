@@ -55,7 +55,8 @@ def test_headers_read_by_range_without_download(fake_hub, served, model, tmp_pat
     src = open_hub(fake_hub, tmp_path)
     try:
         assert src.revision == served and src.description == f"{REPO}@{served[:12]}"
-        assert src.fingerprint() == f"hub:{REPO}@{served}"
+        assert src.fingerprint() == LocalSource(model).fingerprint().replace("local:", f"hub:{REPO}:")
+        assert all(v.startswith("sha256:") for v in src.shard_fingerprints().values())
         assert src.shards == LocalSource(model).shards and src.weight_map == LocalSource(model).weight_map
         assert src.headers() == LocalSource(model).headers()
         shard_gets = [r for r in fake_hub.requests if r.method == "GET" and r.path.endswith(".safetensors")]

@@ -103,6 +103,69 @@ def test_unrelated_folder_is_refused(tiny, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(ConvertError, match="holds files from something else"):
+    with pytest.raises(ConvertError, match="holds 1 entry .notes.txt. that no conversion wrote"):
         convert(str(tiny("llama")), out, progress=False)
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def _replace_weights(src: Path, other: Path, *, keep_mtime: bool) -> None:
+    """Give ``src`` the shards of ``other`` (same shapes, other values), optionally with the old mtimes."""
+    for shard in sorted(src.glob("*.safetensors")):
+        stat = shard.stat()
+        shard.write_bytes((other / shard.name).read_bytes())
+        if keep_mtime:
+            os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+@pytest.mark.parametrize("keep_mtime", [False, True], ids=["new-mtime", "same-mtime"])
+def test_changed_source_weights_are_redone_after_a_finished_run(tiny, tmp_path, keep_mtime):
+    import shutil
+
+    from checks import recompute_check
+
+    src = Path(shutil.copytree(tiny("llama"), tmp_path / "src"))
+    other = tiny("llama", seed=1)
+    out = tmp_path / "out"
+    convert(str(src), out, max_shard_size="30KB", progress=False)
+    _replace_weights(src, other, keep_mtime=keep_mtime)
+    report = convert(str(src), out, max_shard_size="30KB", progress=False)
+    assert report.skipped_shards == []
+    recompute_check(other, out)
+    assert convert(str(src), out, max_shard_size="30KB", progress=False).skipped_shards  # unchanged: kept
+
+
+def test_changed_source_after_a_kill_resumes_without_mixing(tiny, tmp_path):
+    import shutil
+
+    src = Path(shutil.copytree(tiny("qwen2_moe"), tmp_path / "src"))
+    other = tiny("qwen2_moe", seed=1)
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    args = [str(src), str(out), "--max-shard-size", "20KB", "--no-progress"]
+    killed = run_cli(args, kill=("safetensors_io", "ShardWriter.commit", 3))
+    assert killed.returncode == -9, killed.stderr
+    _replace_weights(src, other, keep_mtime=False)
+    assert run_cli(args).returncode == 0
+    assert run_cli([str(other), str(fresh), "--max-shard-size", "20KB", "--no-progress"]).returncode == 0
+    assert snapshot(out) == snapshot(fresh)
+
+
+def test_hub_source_changed_in_one_shard_redoes_only_what_it_feeds(tiny, fake_hub, tmp_path):
+    import shutil
+
+    from checks import recompute_check
+    from nvfp4_convert.sources import LocalSource
+
+    served = Path(shutil.copytree(tiny("llama"), tmp_path / "served"))
+    fake_hub.add_repo("org/tiny", served)
+    out = tmp_path / "out"
+    kwargs = dict(endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
+    first = convert("org/tiny", out, **kwargs)
+    assert first.skipped_shards == []
+    changed = LocalSource(served).shards[-1]
+    (served / changed).write_bytes((tiny("llama", seed=1) / changed).read_bytes())
+    fake_hub.add_repo("org/tiny", served)  # a new commit on main
+    again = convert("org/tiny", out, **kwargs)
+    redone = {s.filename for s in again.plan.shards} - set(again.skipped_shards)
+    feeds = {s.filename for s in again.plan.shards if any(changed in u.sources for u in s.units)}
+    assert redone == feeds and 0 < len(feeds) < len(again.plan.shards)
+    recompute_check(served, out)

@@ -50,3 +50,106 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
     return path
+
+
+def _load(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor], config: dict, shard_bytes: int,
+                  *, last: set[str] = frozenset()) -> None:
+    """Shards of about ``shard_bytes`` in the given order; tensors in ``last`` go to a final shard of their own."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    groups: list[dict] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if name in last:
+            continue
+        if groups[-1] and size + t.numel() * t.element_size() > shard_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += t.numel() * t.element_size()
+    if last:
+        groups.append({n: tensors[n] for n in tensors if n in last})
+    weight_map = {}
+    for i, group in enumerate(groups, 1):
+        filename = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in group.items()}, folder / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(group, filename))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def add_mtp_layer(src: Path, dst: Path) -> Path:
+    """``src`` (a tiny DeepSeek-V3) plus a multi-token-prediction layer after the decoder stack, as DeepSeek ships
+    it."""
+    import shutil
+
+    config = json.loads((src / "config.json").read_text())
+    tensors = _load(src)
+    n = config["num_hidden_layers"]
+    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
+    extra = {mtp + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
+    hidden = config["hidden_size"]
+    gen = torch.Generator().manual_seed(1)
+    extra.update({
+        f"{mtp}embed_tokens.weight": tensors["model.embed_tokens.weight"].clone(),
+        f"{mtp}enorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{mtp}hnorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{mtp}eh_proj.weight": (torch.randn(hidden, 2 * hidden, generator=gen) * 0.05).to(torch.bfloat16),
+        f"{mtp}shared_head.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+        f"{mtp}shared_head.head.weight": tensors["lm_head.weight"].clone(),
+    })
+    config["num_nextn_predict_layers"] = 1
+    _save_sharded(dst, {**tensors, **extra}, config, 40_000)
+    for other in src.iterdir():
+        if other.suffix != ".safetensors" and other.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(other, dst / other.name)
+    return dst
+
+
+def fp8_quantize(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's block FP8: per block ``scale_inv = amax / 448`` and ``fp8 = weight / scale_inv``."""
+    bn, bk = block
+    rows, cols = weight.shape
+    w = weight.float()
+    scale = torch.empty(-(-rows // bn), -(-cols // bk), dtype=torch.float32)
+    out = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            part = w[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk]
+            scale[i, j] = part.abs().amax().clamp(min=1e-12) / 448.0
+            out[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = (part / scale[i, j]).to(torch.float8_e4m3fn)
+    return out, scale
+
+
+def make_fp8(src: Path, dst: Path, *, block: tuple[int, int], is_fp8, shard_bytes: int = 30_000) -> Path:
+    """An FP8 copy of BF16 checkpoint ``src`` made the DeepSeek way: every weight ``is_fp8(name)`` picks
+    becomes E4M3 with a float32 ``weight_scale_inv`` per block; every third scale goes to a shard of its
+    own, away from its weight."""
+    import shutil
+
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": list(block)}
+    out: dict[str, torch.Tensor] = {}
+    for name, t in _load(src).items():
+        if t.dim() == 2 and is_fp8(name):
+            out[name], out[f"{name}_scale_inv"] = fp8_quantize(t, block)
+        else:
+            out[name] = t
+    scales = sorted(n for n in out if n.endswith("_scale_inv"))
+    _save_sharded(dst, out, config, shard_bytes, last=set(scales[::3]))
+    for other in src.iterdir():
+        if other.suffix != ".safetensors" and other.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(other, dst / other.name)
+    return dst

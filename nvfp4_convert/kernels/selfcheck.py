@@ -297,7 +297,7 @@ def prove(backend: Backend, *, large: bool | None = None, dtypes: tuple[torch.dt
 
 def select_proven_backend(name: str | None = None, *, device: str | None = None, exact: bool = False,
                           dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[Backend, str]:
-    """Choose a backend like :func:`select_backend`, but only one that passes :func:`prove`.
+    """Choose the fastest available backend that passes :func:`prove` (see :func:`..kernels.candidates`).
 
     Args:
         name: an explicit choice (``--backend``): it must be available, pass, and be exact if ``exact``;

@@ -46,10 +46,32 @@ class Source(Protocol):
         """The converter no longer needs ``filename``; a downloaded copy may be deleted."""
 
     def fingerprint(self) -> str:
-        """A stable identity of the source content, used to decide whether a resume is safe."""
+        """The source's structure (config and shard headers), used to decide whether a resume is the same job."""
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        """For each weight shard, a fingerprint of its data: a finished output shard is kept on resume only
+        while the source shards it was made from still have the fingerprints it was made with."""
+
+    def local_roots(self) -> list[Path]:
+        """Local folders the source reads or writes (the output must not overlap them)."""
+
+    def local_files(self) -> list[Path]:
+        """Local paths of the source's files, links not yet followed (empty for a remote source)."""
 
     def close(self) -> None:
         """Stop background work and clean up scratch files."""
+
+
+def structure_fingerprint(kind: str, config: bytes, headers: dict[str, ShardHeader]) -> str:
+    """``kind:`` and a sha256 over ``config.json``'s bytes and every shard's header (names, dtypes, shapes, offsets)."""
+    import hashlib
+
+    digest = hashlib.sha256(config)
+    for name, header in sorted(headers.items()):
+        digest.update(f"{name}:{header.file_size}:{header.data_start}".encode())
+        for t in sorted(header.tensors.values(), key=lambda t: t.name):
+            digest.update(f"{t.name}|{t.dtype}|{t.shape}|{t.data_offsets}".encode())
+    return f"{kind}:{digest.hexdigest()}"
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

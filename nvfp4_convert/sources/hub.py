@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConvertError
 from ..safetensors_io import _MAX_HEADER, parse_header, read_header
-from .base import ShardHeader, check_relative, weight_shards
+from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
 _METADATA_DIR = "metadata"  # subfolder of work_dir for small non-weight files
@@ -256,7 +256,22 @@ class HubSource:
         return Forward
 
     def fingerprint(self) -> str:
-        return f"hub:{self.repo_id}@{self.revision}"
+        return structure_fingerprint(f"hub:{self.repo_id}", self.fetch_file("config.json").read_bytes()
+                                     if "config.json" in self._siblings else b"", self.headers())
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        """The Hub's sha256 of each shard (its git blob id for a file not in LFS): exact and free."""
+        prints = {}
+        for name in self.shards:
+            sibling = self._siblings[name]
+            prints[name] = f"sha256:{sibling.lfs.sha256}" if sibling.lfs is not None else f"git:{sibling.blob_id}"
+        return prints
+
+    def local_roots(self) -> list[Path]:
+        return [self.work_dir]
+
+    def local_files(self) -> list[Path]:
+        return []
 
     def close(self) -> None:
         """Abort background downloads, delete shards not kept, and the scratch folder if it was a temp one."""

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from ..errors import ConvertError
-from ..safetensors_io import read_header
-from .base import ShardHeader, check_relative, weight_shards
+from ..safetensors_io import read_header, sampled_digest
+from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 
 class LocalSource:
@@ -68,13 +67,23 @@ class LocalSource:
         pass
 
     def fingerprint(self) -> str:
-        digest = hashlib.sha256()
-        digest.update(self._path("config.json").read_bytes() if "config.json" in self._files else b"")
-        for name, header in sorted(self.headers().items()):
-            digest.update(f"{name}:{header.file_size}:{header.data_start}".encode())
-            for t in sorted(header.tensors.values(), key=lambda t: t.name):
-                digest.update(f"{t.name}|{t.dtype}|{t.shape}|{t.data_offsets}".encode())
-        return "local:" + digest.hexdigest()
+        config = self._path("config.json").read_bytes() if "config.json" in self._files else b""
+        return structure_fingerprint("local", config, self.headers())
+
+    def shard_fingerprints(self) -> dict[str, str]:
+        """Size, modification time (ns) and :func:`sampled_digest` of each shard (links followed)."""
+        prints = {}
+        for name, header in self.headers().items():
+            path = self._path(name)
+            st = path.stat()
+            prints[name] = f"{st.st_size}:{st.st_mtime_ns}:{sampled_digest(path, header)}"
+        return prints
+
+    def local_roots(self) -> list[Path]:
+        return [self.root]
+
+    def local_files(self) -> list[Path]:
+        return [self.root / name for name in self._files]
 
     def close(self) -> None:
         pass

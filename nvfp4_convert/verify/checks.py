@@ -35,7 +35,7 @@ CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes read at a time
 class OutputChecker:
     """The structural checks, in order; later ones skip what earlier ones found broken.
 
-    It also serves the output's tensors to :func:`~nvfp4_convert.compare.compare_with_source`.
+    It also serves the output's tensors to :func:`~nvfp4_convert.verify.compare.compare_with_source`.
     """
 
     def __init__(self, out: Path, *, progress: bool):

@@ -1,0 +1,203 @@
+"""FP8 sources (DeepSeek-style block FP8, per-tensor FP8): dequantized exactly, then quantized."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from checks import load_all, recompute_check
+from nvfp4_convert import ConvertError, convert
+from test_resume import snapshot
+from tiny_models import _load, _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
+
+
+def _in_layers_not_router(name: str) -> bool:
+    return name.startswith("model.layers.") and ".mlp.gate." not in name and "shared_head.head" not in name \
+        and "embed_tokens" not in name
+
+
+def dequantize_by_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Independent reference: each block's E4M3 values times its scale in float32, then BF16."""
+    bn, bk = block
+    out = torch.empty(weight.shape, dtype=torch.bfloat16)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            part = weight[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].to(torch.float32)
+            out[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = (part * scale[i, j]).to(torch.bfloat16)
+    return out
+
+
+def expected_source(fp8_src, dst, block):
+    """The BF16 checkpoint the FP8 one stands for: every FP8 weight dequantized, scales gone."""
+    tensors = _load(fp8_src)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        fp8 = t.dtype == torch.float8_e4m3fn
+        out[name] = dequantize_by_blocks(t, tensors[f"{name}_scale_inv"], block) if fp8 else t
+    config = json.loads((fp8_src / "config.json").read_text())
+    del config["quantization_config"]
+    _save_sharded(dst, out, config, 10**9)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def fp8_models(tiny, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    deepseek = add_mtp_layer(tiny("deepseek_v3"), root / "deepseek-bf16")
+    models = {}
+    # partial edge blocks along K (64 = 48 + 16) for DeepSeek; whole blocks for Qwen3-MoE
+    for kind, src, block in (("deepseek_v3", deepseek, (32, 48)), ("qwen3_moe", tiny("qwen3_moe"), (16, 32))):
+        fp8 = make_fp8(src, root / f"{kind}-fp8", block=block, is_fp8=_in_layers_not_router)
+        models[kind] = (fp8, expected_source(fp8, root / f"{kind}-expected", block))
+    return models
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen3_moe"])
+def test_fp8_source_equals_dequantize_then_quantize(kind, fp8_models, tmp_path):
+    fp8, expected = fp8_models[kind]
+    weight_map = json.loads((fp8 / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(weight_map[n] != weight_map[n[: -len("_scale_inv")]] for n in weight_map if n.endswith("_scale_inv"))
+    report = convert(str(fp8), tmp_path / "out", max_shard_size="30KB", progress=False)
+    result = recompute_check(expected, tmp_path / "out")  # quantized: from the dequantized BF16; kept: identical
+    assert report.plan.fp8_flavour.startswith("block FP8")
+    tensors = load_all(tmp_path / "out")
+    assert not any(n.endswith("_scale_inv") for n in tensors)
+    assert not any(t.dtype == torch.float8_e4m3fn for n, t in tensors.items() if not n.endswith(".weight_scale"))
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "modelopt"
+    assert "weight_block_size" not in json.dumps(config) and "fmt" not in config["quantization_config"]
+    assert len(result["quantized"]) > 10
+    if kind == "deepseek_v3":
+        excl = report.plan.exclude_modules
+        kept_fp8 = "model.layers.1.self_attn.kv_a_proj_with_mqa"  # MLA: FP8 in the source, BF16 out
+        assert kept_fp8 in excl and tensors[f"{kept_fp8}.weight"].dtype == torch.bfloat16
+        assert "model.layers.3.mlp.experts.0.gate_proj" not in report.plan.quantized  # the MTP layer stays BF16
+        assert tensors["model.layers.3.mlp.experts.0.gate_proj.weight"].dtype == torch.bfloat16
+        assert tensors["model.layers.3.eh_proj.weight"].dtype == torch.bfloat16
+        assert "model.layers.2.mlp.experts.1.down_proj" in report.plan.quantized
+
+
+def test_fp8_hub_conversion_equals_local(fp8_models, fake_hub, tmp_path):
+    fp8, _ = fp8_models["deepseek_v3"]
+    fake_hub.add_repo("org/tiny-deepseek-fp8", fp8)
+    convert(str(fp8), tmp_path / "local", max_shard_size="30KB", progress=False)
+    convert("org/tiny-deepseek-fp8", tmp_path / "hub", endpoint=fake_hub.url, work_dir=tmp_path / "work",
+            max_shard_size="30KB", progress=False)
+    assert snapshot(tmp_path / "hub") == snapshot(tmp_path / "local")
+
+
+def test_fp8_weight_larger_than_the_memory_budget(fp8_models, tmp_path, monkeypatch):
+    """Units too large to hold are dequantized one row chunk at a time: same bytes."""
+    from nvfp4_convert import pipeline
+
+    fp8, _ = fp8_models["qwen3_moe"]
+    convert(str(fp8), tmp_path / "whole", progress=False)
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 700)  # not a multiple of the 16-row block: partial blocks
+    monkeypatch.setattr(pipeline, "BUDGET_LARGEST", 0)
+    monkeypatch.setattr(pipeline, "MIN_BUDGET_BYTES", 0)
+    loads = []
+    original = pipeline._load
+    monkeypatch.setattr(pipeline, "_load", lambda *a: loads.append(original(*a)) or loads[-1])
+    convert(str(fp8), tmp_path / "chunked", progress=False)
+    assert loads and all(x is None for x in loads)  # nothing held whole
+    assert snapshot(tmp_path / "chunked") == snapshot(tmp_path / "whole")
+
+
+def _single(tmp_path, tensors, qc, name="src"):
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+BLOCK_QC = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16], "activation_scheme": "dynamic"}
+W = "model.layers.0.mlp.down_proj"
+
+
+def _fp8_tensors(rows=32, cols=48, block=(16, 16)):
+    weight, scale = fp8_quantize(torch.randn(rows, cols, dtype=torch.bfloat16), block)
+    return {f"{W}.weight": weight, f"{W}.weight_scale_inv": scale}
+
+
+def test_per_tensor_fp8_drops_activation_scales(tmp_path):
+    weight = torch.randn(32, 48, dtype=torch.bfloat16)
+    scale = weight.float().abs().amax() / 448
+    tensors = {f"{W}.weight": (weight.float() / scale).to(torch.float8_e4m3fn), f"{W}.weight_scale": scale.reshape(1),
+               f"{W}.input_scale": torch.tensor([0.5])}
+    src = _single(tmp_path, tensors, {"quant_method": "fp8", "activation_scheme": "static"})
+    lines = []
+    report = convert(str(src), tmp_path / "out", progress=False, log=lines.append)
+    assert report.plan.fp8_flavour == "FP8 per-tensor" and any("dropped" in line for line in lines)
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    deq = (tensors[f"{W}.weight"].float() * scale).to(torch.bfloat16)
+    save_file({f"{W}.weight": deq}, expected / "model.safetensors")
+    (expected / "config.json").write_text("{}")
+    recompute_check(expected, tmp_path / "out")
+
+
+def _refused(tmp_path, tensors, qc, match):
+    src = _single(tmp_path, tensors, qc)
+    with pytest.raises(ConvertError, match=match) as info:
+        convert(str(src), tmp_path / "out", progress=False)
+    assert "\n" not in str(info.value.what)
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_missing_scale_is_refused(tmp_path):
+    tensors = _fp8_tensors()
+    del tensors[f"{W}.weight_scale_inv"]
+    _refused(tmp_path, tensors, BLOCK_QC, "has no weight_scale_inv")
+
+
+def test_extra_scale_is_refused(tmp_path):
+    tensors = _fp8_tensors()
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.randn(48, 32, dtype=torch.bfloat16)
+    tensors["model.layers.0.mlp.up_proj.weight_scale_inv"] = torch.ones(3, 2)
+    _refused(tmp_path, tensors, BLOCK_QC, "belongs to no FP8 weight")
+
+
+def test_scale_shape_that_does_not_fit_the_block_is_refused(tmp_path):
+    tensors = _fp8_tensors()  # 32x48 in 16x16 blocks needs [2, 3]
+    _refused(tmp_path, tensors, {**BLOCK_QC, "weight_block_size": [128, 128]}, r"needs \[1, 1\]")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_scale_is_refused(tmp_path, bad):
+    tensors = _fp8_tensors()
+    tensors[f"{W}.weight_scale_inv"][1, 2] = bad
+    _refused(tmp_path, tensors, BLOCK_QC, "holds NaN or Inf")
+
+
+@pytest.mark.parametrize("qc, match", [
+    ({"quant_method": "compressed-tensors", "format": "float-quantized"},
+     r"compressed-tensors sources \(float-quantized\)"),
+    ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "already quantized .quant_method=modelopt, quant_algo=NVFP4"),
+    ({"quant_method": "fp8", "fmt": "e5m2"}, "FP8 format 'e5m2'"),
+    ({"quant_method": "gptq"}, "already quantized .quant_method=gptq"),
+])
+def test_other_flavours_are_refused_with_one_line(tmp_path, qc, match):
+    _refused(tmp_path, {f"{W}.weight": torch.randn(32, 48, dtype=torch.bfloat16)}, qc, match)
+
+
+def test_fp8_config_without_fp8_weights_is_refused(tmp_path):
+    _refused(tmp_path, {f"{W}.weight": torch.randn(32, 48, dtype=torch.bfloat16)}, BLOCK_QC,
+             "declares block FP8 16x16, but no tensor is FP8")
+
+
+def test_fp8_weight_without_fp8_config_is_refused(tmp_path):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    save_file(_fp8_tensors(), folder / "model.safetensors")
+    with pytest.raises(ConvertError, match="already quantized"):
+        convert(str(folder), tmp_path / "out", progress=False)
+    shutil.rmtree(folder)
