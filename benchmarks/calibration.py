@@ -40,10 +40,11 @@ def write_model(folder: Path, shape: dict, layers: int | None = None) -> Path:
     h, i, heads, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_attention_heads"], \
         shape["num_key_value_heads"]
     d = h // heads
-    gen = torch.Generator().manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are quicker made on a GPU
+    gen = torch.Generator(device=device).manual_seed(0)
 
     def rand(*s):
-        return (torch.randn(*s, generator=gen) * s[-1] ** -0.5).to(torch.bfloat16)
+        return (torch.randn(*s, generator=gen, device=device) * s[-1] ** -0.5).to(torch.bfloat16).cpu()
 
     layer = {"self_attn.q_proj.weight": rand(h, h), "self_attn.k_proj.weight": rand(kv * d, h),
              "self_attn.v_proj.weight": rand(kv * d, h), "self_attn.o_proj.weight": rand(h, h),
@@ -58,8 +59,8 @@ def write_model(folder: Path, shape: dict, layers: int | None = None) -> Path:
         save_file({f"model.layers.{k}.{key}": t for key, t in layer.items()}, folder / name, metadata={"format": "pt"})
         weight_map.update({f"model.layers.{k}.{key}": name for key in layer})
     name = f"model-{total:05d}-of-{total:05d}.safetensors"
-    rest = {"model.embed_tokens.weight": rand(shape["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
-            "lm_head.weight": rand(shape["vocab_size"], h)}
+    rest = {"model.embed_tokens.weight": rand(shape["vocab_size"], h),
+            "model.norm.weight": torch.ones(h, dtype=torch.bfloat16), "lm_head.weight": rand(shape["vocab_size"], h)}
     save_file(rest, folder / name, metadata={"format": "pt"})
     weight_map.update(dict.fromkeys(rest, name))
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -125,7 +126,8 @@ def main(argv: list[str] | None = None) -> None:
                      batch_tokens=args.batch_tokens)
     p = result["predicted"]
     print(f"calibration of {args.samples} x {args.seq_len} = {result['tokens']} tokens, {args.shape} shape "
-          f"(random weights), on {args.device}: {result['seconds']:.1f} s ({result['tokens_per_second']:.0f} tokens/s), "
+          f"(random weights), on {args.device}: {result['seconds']:.1f} s "
+          f"({result['tokens_per_second']:.0f} tokens/s), "
           f"{result['linears']} Linears observed")
     gpu = f"{result['gpu_peak_gib']:.2f} GiB" if result["gpu_peak_gib"] is not None else "-"
     print(f"peak GPU memory {gpu}; peak RSS {result['rss_peak_gib']:.2f} GiB")

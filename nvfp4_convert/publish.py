@@ -104,7 +104,8 @@ def _base_model(info: dict) -> str | None:
 def _calibration_lines(calibration: dict | None) -> list[str]:
     if not calibration:
         return []
-    where = calibration["dataset"] + "".join(f", {k} `{calibration[k]}`" for k in ("split", "column") if calibration.get(k))
+    where = calibration["dataset"] + "".join(f", {k} `{calibration[k]}`" for k in ("split", "column")
+                                             if calibration.get(k))
     return [f"- **Calibration:** {calibration['samples']} samples x {calibration['seq_len']} tokens of {where}; "
             f"method: {calibration['method']}."]
 

@@ -7,14 +7,14 @@ import warnings
 
 import pytest
 import torch
-from checks import load_all, raw_bytes
-from tiny_models import add_byte_tokenizer
 
+from checks import load_all, raw_bytes
 from nvfp4_convert import convert
 from nvfp4_convert.calibration.data import load_calibration_data, load_tokenizer
 from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.kernels.common import global_scale
 from nvfp4_convert.sources import open_source
+from tiny_models import add_byte_tokenizer
 
 pytest.importorskip("transformers")
 

@@ -54,14 +54,16 @@ def load_tokenizer(source, *, where: str):
     present = [name for name in TOKENIZER_FILES if name in source.files]
     if not any(name in present for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")):
         raise ConvertError("the model has no tokenizer files (tokenizer.json, tokenizer.model, ...)", where=where,
-                           fix="Calibration tokenizes text with the model's own tokenizer; use a checkpoint that ships one")
+                           fix="Calibration tokenizes text with the model's own tokenizer; "
+                           "use a checkpoint that ships one")
     folder = None
     for name in present:
         folder = source.fetch_file(name).parent
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError, TypeError, KeyError, ImportError, AttributeError) as exc:
-        raise ConvertError(f"cannot load the model's tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})",
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise ConvertError(f"cannot load the model's tokenizer ({type(exc).__name__}: {first})",
                            where=where, fix="Fix the tokenizer files; custom tokenizer code is never run") from None
 
 
@@ -133,7 +135,8 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ConvertError("the calibration file is not UTF-8 text", where=str(path), fix="Re-save it as UTF-8") from None
+        raise ConvertError("the calibration file is not UTF-8 text", where=str(path),
+                           fix="Re-save it as UTF-8") from None
 
 
 def _jsonl_texts(path: Path, column: str, *, where: str) -> Iterator[str]:
