@@ -132,7 +132,8 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
         (folder / name).rename(folder / new)
         final[name] = new
     index = {k: final[v] for k, v in index.items()}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": index}))
     if moe:
         config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
                   "moe_intermediate_size": MOE_INTER, "num_experts": MOE_EXPERTS, "num_experts_per_tok": 8,
@@ -160,7 +161,8 @@ def io_floor(src: Path, scratch: Path) -> tuple[float, float, float]:
     sizes = scratch / "sizes.json"
     sizes.write_text(json.dumps([{t.name: t.nbytes for t in shard.tensors} for shard in plan.shards]))
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, __file__, "--dir", str(scratch), "--floor-child", str(src), str(scratch), str(sizes)],
+    run = subprocess.run([sys.executable, __file__, "--dir", str(scratch), "--floor-child", str(src), str(scratch),
+                          str(sizes)],
                          stdout=subprocess.PIPE, text=True, check=True)
     whole = time.perf_counter() - started
     read, write = (float(x) for x in run.stdout.split()[-2:])
@@ -266,7 +268,7 @@ def measure(folder: Path, *, size: int, shape: str, fp8: bool, vocab: int | None
         cmd += ["--backend", backend]
     os.sync()
     started = time.perf_counter()
-    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True)
     convert_s = time.perf_counter() - started
     if run.returncode:
         sys.exit(run.stderr)
