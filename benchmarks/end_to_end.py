@@ -35,7 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
-MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_HEADS, MOE_KV_HEADS, MOE_HEAD_DIM, MOE_VOCAB = 2048, 768, 128, 32, 4, 128, 151936
+MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_VOCAB = 2048, 768, 128, 151936
+MOE_HEADS, MOE_KV_HEADS, MOE_HEAD_DIM = 32, 4, 128
 FP8_BLOCK = 128
 
 
@@ -188,10 +189,9 @@ def floor_child(src: Path, scratch: Path, sizes: Path) -> None:
 
 
 def quantize_only(src: Path, backend_name: str | None) -> tuple[float, str]:
+    from nvfp4_convert.fp8 import dequantize
     from nvfp4_convert.kernels import selfcheck
     from nvfp4_convert.kernels.common import global_scale
-
-    from nvfp4_convert.fp8 import dequantize
 
     backend, _ = selfcheck.select_proven_backend(backend_name)
     spent = 0.0
@@ -252,7 +252,8 @@ def measure(folder: Path, *, size: int, shape: str, fp8: bool, vocab: int | None
         started = time.perf_counter()
         total = make_checkpoint(src, size, vocab=vocab, shape=shape, fp8=fp8)
         count = sum(len(read_header(p).tensors) for p in src.glob("*.safetensors"))
-        print(f"wrote synthetic checkpoint: {total / 1e9:.2f} GB, {count} tensors in {time.perf_counter() - started:.1f} s")
+        print(f"wrote synthetic checkpoint: {total / 1e9:.2f} GB, {count} tensors in "
+              f"{time.perf_counter() - started:.1f} s")
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     # Flush pending writes before each measurement, so that neither pays for the other's write-back.
     os.sync()

@@ -123,11 +123,11 @@ def make_source(folder: Path, *, fp8: bool, shards: int = 163) -> int:
 
 
 def main() -> None:
-    from nvfp4_convert.verify import checks, verify
     from nvfp4_convert.converter import _write_final_files
     from nvfp4_convert.plan import build_plan
     from nvfp4_convert.recipes import load_recipe
     from nvfp4_convert.sources.local import LocalSource
+    from nvfp4_convert.verify import checks, verify
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, required=True)

@@ -66,7 +66,8 @@ def test_matcher_agrees_with_fnmatch():
 
     from nvfp4_convert.exclusions import Matcher
 
-    patterns = ["lm_head", "model.layers.3*", "model.layers.1.mlp.experts.*", "*.mlp.gate", "model.layers.[02].self_attn?q*"]
+    patterns = ["lm_head", "model.layers.3*", "model.layers.1.mlp.experts.*", "*.mlp.gate",
+                "model.layers.[02].self_attn?q*"]
     names = ["lm_head", "lm_head2", "model.layers.3", "model.layers.30.mlp.down_proj", "model.layers.1.mlp.experts",
              "model.layers.1.mlp.experts.4.w1", "model.layers.7.mlp.gate", "model.layers.7.mlp.gate_proj",
              "model.layers.2.self_attn.q_a_proj", "model.layers.1.self_attn.q_a_proj"]

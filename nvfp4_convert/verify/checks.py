@@ -23,8 +23,8 @@ from ..constants import (
     quantized_tensors,
 )
 from ..errors import ConvertError
-from ..kernels.common import unpack_codes
 from ..exclusions import Matcher
+from ..kernels.common import unpack_codes
 from ..plan import EXPERT_MODULE, engine_names, fusion_groups, substring_clashes
 from ..recipes import load_recipe
 from ..safetensors_io import ShardHeader, TensorInfo, read_header, read_rows, read_tensor_bytes
