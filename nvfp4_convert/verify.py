@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .compare import LayerError, compare_with_source, sqnr_stats
 from .configs import FP4_SCHEME, GROUP_SIZE
 from .errors import ConvertError
-from .kernels.common import BLOCK, E4M3_MAX, SCALE_MIN
+from .kernels.common import BLOCK, E4M3_MAX, GLOBAL_SCALE_MIN, SCALE_MIN
 from .output import write_json_atomic
 from .plan import EXPERT_MODULE, engine_names, fusion_groups
 from .recipes import load_recipe
@@ -439,6 +439,8 @@ class _Checker:
         value = torch.frombuffer(bytearray(raw), dtype=torch.float32).item()
         if not math.isfinite(value) or value <= 0:
             self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, expected a positive finite number", name)
+        elif value < GLOBAL_SCALE_MIN:  # engines take its reciprocal, which would be inf
+            self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, below the smallest normal float32", name)
 
     def _scan_codes(self, module: str) -> None:
         name = f"{module}.weight"
