@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .kernels.common import BLOCK, GLOBAL_SCALE_MIN, INV_GLOBAL, dequantize
+from .kernels.common import BLOCK, dequantize, is_dust
 from .kernels.reference import cast_e2m1
 from .safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
 from .sources import open_source
@@ -177,7 +177,7 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
             worst_at = (r0 + flat // k, flat % k)
     rel = math.sqrt(error / signal) if signal > 0 else (0.0 if error == 0 else math.inf)
     layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst,
-                       dust=0 < amax and amax * INV_GLOBAL < GLOBAL_SCALE_MIN)
+                       dust=is_dust(amax))
     if worst > 1:
         layer.outlier = (f"a code is {worst} E2M1 steps from the rounding of the source value "
                          f"(row {worst_at[0]}, column {worst_at[1]})")

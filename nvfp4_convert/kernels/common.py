@@ -35,6 +35,12 @@ def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     return torch.where(amax == 0, torch.ones_like(amax), torch.clamp(amax * INV_GLOBAL, min=GLOBAL_SCALE_MIN))
 
 
+def is_dust(amax: torch.Tensor | float) -> bool:
+    """Whether a group whose max|x| is ``amax`` gets the floored global scale (non-zero, below ~3.2e-35)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return bool(amax > 0) and bool(amax * INV_GLOBAL < GLOBAL_SCALE_MIN)
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Expand packed codes ``[R, K/2]`` with block scales ``[R, K/16]`` back to ``[R, K]`` values."""
     rows = packed.shape[0]
