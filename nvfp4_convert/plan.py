@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import ConvertError
+from .exclusions import exclude_list, mtp_prefixes, vllm_forms
 from .fp8 import DROPPED_SUFFIXES, Fp8Weight, fp8_weights, source_flavour
 from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
@@ -253,14 +254,16 @@ def _fused_expert_warnings(tensors: dict[str, SourceTensor]) -> list[str]:
 
 
 def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> None:
-    """MoE engines load all experts of a layer in one format: keep them all if any is kept."""
-    by_layer: dict[tuple[str, str], list[str]] = {}
+    """MoE engines load a layer's experts as one module in one format: every expert and every projection of
+    a layer is quantized, or none is."""
+    by_layer: dict[str, list[str]] = {}
     for module in linear_like:
         if m := EXPERT_MODULE.match(module):
-            by_layer.setdefault((m["layer"], m["leaf"]), []).append(module)
-    for (layer, leaf), experts in sorted(by_layer.items()):
+            by_layer.setdefault(m["layer"], []).append(module)
+    for layer, experts in sorted(by_layer.items()):
         if first := _keep_together(experts, candidates, kept_reasons):
-            warnings.append(f"{layer}.*.{leaf}: {first} stays high precision, so every expert of the layer does")
+            warnings.append(f"{layer}: {first} stays high precision ({kept_reasons[first]}), so every expert "
+                            "projection of this MoE layer does")
 
 
 def _keep_together(members, candidates: dict, kept_reasons: dict) -> str | None:
@@ -287,34 +290,36 @@ def engine_names(quantized: dict, groups: list[tuple[str, ...]], recipe: Recipe)
 
 
 def substring_clashes(entries: list[str], names: list[str]) -> dict[str, str]:
-    """Exact (wildcard-free) ``entries`` that are a substring of one of ``names``, with the first such name.
+    """``entries`` whose wildcard-free form is a substring of one of ``names``, with the first such name.
 
-    vLLM also skips a module when an exclusion is a plain substring of its name. One search of each
-    entry through all names joined together keeps this linear in their total length.
+    vLLM also skips a module when an exclusion is a plain substring of its name, after rewriting ``X*``
+    into ``X`` and ``X.*`` (:func:`.exclusions.vllm_forms`). One search of each entry through all names
+    joined together keeps this linear in their total length.
     """
     joined = "\n" + "\n".join(names) + "\n"
     clashes = {}
     for entry in entries:
-        if "*" in entry or "\n" in entry or (at := joined.find(entry)) < 0:
-            continue
-        start = joined.rfind("\n", 0, at) + 1
-        clashes[entry] = joined[start : joined.index("\n", at)]
+        for form in vllm_forms(entry):
+            if "*" in form or "\n" in form or (at := joined.find(form)) < 0:
+                continue
+            start = joined.rfind("\n", 0, at) + 1
+            clashes[entry] = joined[start : joined.index("\n", at)]
+            break
     return clashes
 
 
 def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe) -> list[str]:
-    """``exclude_modules``: exact names of every unquantized Linear-like module (never bare prefixes)."""
-    names = {m for m in linear_like if m not in quantized}
+    """``exclude_modules`` as ModelOpt writes it (see :mod:`.exclusions`), fused aliases of kept groups included."""
+    names = [m for m in linear_like if m not in quantized]
     if "lm_head.weight" not in tensors:
-        names.add("lm_head")  # a tied head has no tensor of its own; ModelOpt lists it all the same
+        names.append("lm_head")  # a tied head has no tensor of its own; ModelOpt lists it all the same
+    aliases = {frozenset(r.members): r.alias for r in recipe.fuse if r.alias}
     for group in groups:
         if not any(m in quantized for m in group):
             head = group[0].rpartition(".")[0]
             leaves = {m.rpartition(".")[2] for m in group}
-            for rule in recipe.fuse:
-                if rule.alias and leaves <= set(rule.members):
-                    names.add(f"{head}.{rule.alias}")
-    return sorted(names)
+            names.extend(f"{head}.{alias}" for members, alias in aliases.items() if leaves <= members)
+    return exclude_list(names, engine_names(quantized, groups, recipe), mtp_prefixes(config, linear_like))
 
 
 def _layout_shards(units: list[Unit], max_shard_size: int) -> list[OutputShard]:

@@ -104,10 +104,15 @@ def test_exclude_keeps_whole_fused_group(tiny, tmp_path):
 
 
 def test_partial_expert_exclusion_keeps_the_layer(tiny, tmp_path):
-    report = convert(str(tiny("mixtral")), tmp_path / "out", excludes=["*.experts.1.w2"], dry_run=True, progress=False)
-    layer0 = [m for m in report.plan.exclude_modules if ".experts." in m and m.endswith(".w2")]
-    assert len(layer0) == 8  # 4 experts x 2 layers
-    assert not any(m.endswith(".w2") for m in report.plan.quantized)
+    lines = []
+    report = convert(str(tiny("mixtral")), tmp_path / "out", excludes=["*.experts.1.w2"], dry_run=True, progress=False,
+                     log=lines.append)
+    assert report.plan.exclude_modules == ["lm_head", "model.embed_tokens", "model.layers.0.block_sparse_moe*",
+                                           "model.layers.1.block_sparse_moe*"]  # router and every expert projection
+    for layer in (0, 1):
+        assert any(line.startswith(f"warning: model.layers.{layer}.block_sparse_moe.experts: ") and "experts.1.w2" in line
+                   for line in lines)
+    assert not any(".experts." in m for m in report.plan.quantized)
 
 
 def test_deepseek_keeps_mla_router_and_mtp(tiny, tmp_path):

@@ -33,9 +33,36 @@ def _config(kind: str):
     raise ValueError(kind)
 
 
+def _add_mtp_layer(model, path: Path) -> None:
+    """Append a DeepSeek multi-token-prediction layer ``model.layers.{num_hidden_layers}`` as its own shard.
+
+    transformers drops these tensors; real checkpoints carry a full MoE decoder layer plus the MTP head.
+    """
+    from safetensors.torch import save_file
+
+    config = model.config
+    last, mtp = config.num_hidden_layers - 1, config.num_hidden_layers
+    hidden, vocab = config.hidden_size, config.vocab_size
+    source = f"model.layers.{last}."
+    tensors = {k.replace(source, f"model.layers.{mtp}.", 1): v.detach().clone().contiguous()
+               for k, v in model.state_dict().items() if k.startswith(source)}
+    g = torch.Generator().manual_seed(mtp)
+    dtype = next(iter(tensors.values())).dtype
+    for name, shape in (("enorm", (hidden,)), ("hnorm", (hidden,)), ("eh_proj", (hidden, 2 * hidden)),
+                        ("shared_head.norm", (hidden,)), ("shared_head.head", (vocab, hidden)),
+                        ("embed_tokens", (vocab, hidden))):
+        tensors[f"model.layers.{mtp}.{name}.weight"] = torch.randn(shape, generator=g).to(dtype)
+    save_file(tensors, path / "model-mtp.safetensors", metadata={"format": "pt"})
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(tensors, "model-mtp.safetensors"))
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int = 0,
-               dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False) -> Path:
-    """Save a random ``kind`` model to ``path`` with small shards so fused groups straddle shards."""
+               dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False, mtp: bool = False) -> Path:
+    """Save a random ``kind`` model to ``path`` with small shards so fused groups straddle shards.
+
+    ``mtp`` adds DeepSeek's multi-token-prediction layer after the decoder stack."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -47,6 +74,8 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
             if p.dim() == 2:
                 p.mul_(torch.empty(p.shape[0], 1).log_normal_(0, 1).to(p.dtype))
     model.save_pretrained(path, max_shard_size=max_shard_size)
+    if mtp:
+        _add_mtp_layer(model, path)
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
     return path
