@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import ConvertError
 from .fp8 import check_scale_values, dequantize
-from .kernels import Backend
-from .kernels import reference
+from .kernels import Backend, reference
 from .kernels.common import global_scale, is_dust
 from .output import OutputDir
 from .plan import OutputShard, Plan, Unit

@@ -7,8 +7,8 @@ import torch
 from ..constants import BLOCK, E2M1_MAX, E4M3_MAX, GLOBAL_SCALE_MIN, SCALE_MIN
 from ..constants import E2M1_VALUES as _E2M1_VALUES
 
-__all__ = ["BLOCK", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "GLOBAL_SCALE_MIN", "SCALE_MIN", "dequantize", "global_scale", "is_dust",
-           "grid_position", "pack_codes", "unpack_codes"]
+__all__ = ["BLOCK", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "GLOBAL_SCALE_MIN", "SCALE_MIN", "dequantize",
+           "global_scale", "grid_position", "is_dust", "pack_codes", "unpack_codes"]
 
 E2M1_VALUES = torch.tensor(_E2M1_VALUES)  # value of each 4-bit code, as a float32 lookup table
 
