@@ -15,6 +15,7 @@ from ..configs import FP4_SCHEME
 from ..constants import (
     BLOCK,
     E4M3_MAX,
+    GLOBAL_SCALE_MIN,
     INPUT_SCALE,
     QUANTIZED_TENSORS,
     SCALAR_SUFFIXES,
@@ -302,6 +303,8 @@ class OutputChecker:
         value = struct.unpack("<f", raw)[0] if len(raw) == 4 else math.nan
         if not math.isfinite(value) or value <= 0:
             self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, expected a positive finite number", name)
+        elif value < GLOBAL_SCALE_MIN:  # engines take its reciprocal, which would be inf
+            self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, below the smallest normal float32", name)
 
     def _scan_codes(self, module: str) -> None:
         name = f"{module}.weight"
