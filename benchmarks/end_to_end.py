@@ -83,7 +83,8 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
         (folder / name).rename(folder / new)
         final[name] = new
     index = {k: final[v] for k, v in index.items()}
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": index}))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
               "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
               "num_hidden_layers": layers, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}
@@ -103,7 +104,8 @@ def io_floor(src: Path, scratch: Path) -> tuple[float, float, float]:
     sizes = scratch / "sizes.json"
     sizes.write_text(json.dumps([{t.name: t.nbytes for t in shard.tensors} for shard in plan.shards]))
     started = time.perf_counter()
-    run = subprocess.run([sys.executable, __file__, "--dir", str(scratch), "--floor-child", str(src), str(scratch), str(sizes)],
+    run = subprocess.run([sys.executable, __file__, "--dir", str(scratch), "--floor-child", str(src), str(scratch),
+                          str(sizes)],
                          stdout=subprocess.PIPE, text=True, check=True)
     whole = time.perf_counter() - started
     read, write = (float(x) for x in run.stdout.split()[-2:])
@@ -180,7 +182,7 @@ def main() -> None:
         cmd += ["--backend", args.backend]
     os.sync()
     started = time.perf_counter()
-    run = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.run(cmd, capture_output=True, text=True)
     convert_s = time.perf_counter() - started
     if run.returncode:
         sys.exit(run.stderr)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -52,22 +52,31 @@ def _fail(exc: BaseException, debug: bool) -> None:
 def convert(
     src: Annotated[str, typer.Argument(help="Hub repo id (e.g. meta-llama/Llama-3.1-8B-Instruct) or a local folder.")],
     out: Annotated[Path, typer.Argument(help="Output folder. Re-running the same command resumes it.")],
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Hub token for gated/private repos (default: HF_TOKEN).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Where Hub shards are downloaded, one at a time.")] = None,
-    keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep downloaded shards instead of deleting each after use.")] = False,
-    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe replacing the one picked by model_type.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep modules matching this pattern in high precision (repeatable), e.g. '*self_attn*'.")] = None,
-    weight_only: Annotated[bool, typer.Option("--weight-only", help="Write W4A16_NVFP4 (no input_scale) instead of W4A4 NVFP4.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token for gated/private repos (default: HF_TOKEN).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Where Hub shards are downloaded, one at a time.")] = None,
+    keep_source: Annotated[bool, typer.Option("--keep-source",
+        help="Keep downloaded shards instead of deleting each after use.")
+    ] = False,
+    recipe: Annotated[Path | None, typer.Option(help="TOML recipe replacing the one picked by model_type.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Keep modules matching this pattern in high precision (repeatable), e.g. '*self_attn*'.")
+    ] = None,
+    weight_only: Annotated[bool, typer.Option("--weight-only",
+        help="Write W4A16_NVFP4 (no input_scale) instead of W4A4 NVFP4.")
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="Output shard size limit.")] = "5GB",
-    backend: Annotated[Optional[str], typer.Option(help="Force a quantize backend (see `nvfp4-convert bench`).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Force a quantize backend (see `nvfp4-convert bench`).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Only use backends bit-exact with ModelOpt.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that holds something else.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="Replace an output folder that holds something else.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    push_to_hub: Annotated[Optional[str], typer.Option(help="After a successful conversion, verify OUT and upload it to this Hub repo.")] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        help="After a successful conversion, verify OUT and upload it to this Hub repo.")
+    ] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -94,12 +103,18 @@ def convert(
 @app.command("verify")
 def verify_command(
     out: Annotated[Path, typer.Argument(help="The converted checkpoint folder.")],
-    source: Annotated[Optional[str], typer.Option(help="The source it was converted from (folder or Hub repo): also measure the error and check kept tensors are unchanged.")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --source.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Hub token for a gated/private --source (default: HF_TOKEN).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
-    plots: Annotated[Optional[Path], typer.Option(help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="The source it was converted from (folder or Hub repo): also measure the error and check kept tensors "
+             "are unchanged.")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of --source.")] = None,
+    token: Annotated[str | None,
+                     typer.Option(help="Hub token for a gated/private --source (default: HF_TOKEN).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    json_path: Annotated[Path | None,
+                         typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    plots: Annotated[Path | None,
+                     typer.Option(help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     debug: DebugOpt = False,
 ) -> None:
@@ -122,10 +137,13 @@ def verify_command(
 def push_command(
     out: Annotated[Path, typer.Argument(help="A finished conversion's output folder.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo to create (if needed) and upload to, e.g. me/Model-NVFP4.")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
-    token: Annotated[Optional[str], typer.Option(help="Hub token with write access (default: HF_TOKEN or the stored login).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
-    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    private: Annotated[bool, typer.Option("--private",
+        help="Create the repo private (an existing repo keeps its visibility).")
+    ] = False,
+    token: Annotated[str | None,
+                     typer.Option(help="Hub token with write access (default: HF_TOKEN or the stored login).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Verify OUT, write its model card and upload it to the Hub."""
@@ -146,13 +164,15 @@ def _push(out: Path, repo_id: str, *, private: bool, token: str | None, endpoint
 @app.command()
 def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    backend: Annotated[Optional[list[str]], typer.Option(help="Only these backends (repeatable).")] = None,
+    backend: Annotated[list[str] | None, typer.Option(help="Only these backends (repeatable).")] = None,
     dtype: Annotated[str, typer.Option(help="Input dtype: bfloat16, float16 or float32.")] = "bfloat16",
-    shape: Annotated[Optional[list[str]], typer.Option(help="Weight shape RxK to time (repeatable), e.g. 8192x8192.")] = None,
-    sweep: Annotated[bool, typer.Option("--sweep", help="Time every M x K of M in 1..32768 and K in 128..16384.")] = False,
+    shape: Annotated[list[str] | None,
+                     typer.Option(help="Weight shape RxK to time (repeatable), e.g. 8192x8192.")] = None,
+    sweep: Annotated[bool,
+                     typer.Option("--sweep", help="Time every M x K of M in 1..32768 and K in 128..16384.")] = False,
     repeats: Annotated[int, typer.Option(help="Timed calls per shape (the median is shown).")] = 5,
-    csv: Annotated[Optional[Path], typer.Option(help="Also write the results to this CSV file.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also plot the speedups to this PNG (needs matplotlib).")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the results to this CSV file.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also plot the speedups to this PNG (needs matplotlib).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure quantize throughput of every available backend on a sweep of weight shapes."""
@@ -174,7 +194,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[bool,
+                       typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     pass
 
@@ -185,3 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     if args and not args[0].startswith("-") and args[0] not in COMMANDS:
         args.insert(0, "convert")
     app(args=args, prog_name="nvfp4-convert")
+
+
+if __name__ == "__main__":
+    main()

@@ -5,45 +5,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import pipeline
-from .configs import hf_quant_config, quant_algo, quantized_model_config, safetensors_index
+from . import __version__, pipeline
+from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .kernels import Backend
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
 from .plan import Plan, build_plan, check_not_quantized
 from .recipes import Recipe, load_recipe
+from .report import Report
 from .safetensors_io import TORCH_DTYPES
 from .sources import Source, open_source
 from .sources.base import PICKLE_SUFFIXES, SAFETENSORS_INDEX
 
 _NOT_COPIED_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", ".partial", *PICKLE_SUFFIXES)
 _REWRITTEN = {"config.json", "hf_quant_config.json", SAFETENSORS_INDEX}
-
-
-@dataclass
-class Report:
-    """What a conversion did (or, with ``dry_run``, would do)."""
-
-    source: str
-    output: Path
-    plan: Plan
-    recipe: Recipe
-    backend: str = ""
-    backend_reason: str = ""
-    activation_policy: str = ""
-    seconds: float = 0.0
-    skipped_shards: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def quant_algo(self) -> str:
-        return quant_algo(self.plan.weight_only)
 
 
 def parse_size(text: str | int) -> int:
@@ -198,13 +177,15 @@ def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
     try:
         backend, reason = selfcheck.select_proven_backend(name, exact=exact, dtypes=dtypes)
     except (KeyError, RuntimeError) as exc:
-        raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
+        raise ConvertError(str(exc).strip("'\""), where="--backend",
+                           fix="Run `nvfp4-convert bench` to list backends") from None
     if threads and backend.set_threads:
         backend.set_threads(threads)
     return backend, reason
 
 
-def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool, shard_size: int) -> str:
+def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool,
+                 shard_size: int) -> str:
     import hashlib
     import json
 
@@ -219,7 +200,8 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, w
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *, progress: bool) -> None:
+def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *,
+                  progress: bool) -> None:
     todo = []
     for shard in plan.shards:
         if output.finished(shard.filename):
@@ -265,4 +247,5 @@ def _write_final_files(config: dict, plan: Plan, out: Path) -> None:
     write_json_atomic(out / "hf_quant_config.json",
                       hf_quant_config(exclude_modules=plan.exclude_modules, weight_only=plan.weight_only), indent=4)
     write_json_atomic(out / "config.json",
-                      quantized_model_config(config, exclude_modules=plan.exclude_modules, weight_only=plan.weight_only))
+                      quantized_model_config(config, exclude_modules=plan.exclude_modules,
+                                             weight_only=plan.weight_only))

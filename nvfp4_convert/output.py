@@ -176,7 +176,8 @@ class OutputDir:
                        "is complete" + (" (the other entries are kept)" if held else ""))
             else:
                 what = f"{_names(held)} that no conversion wrote"
-                fix = "Use an empty or new folder, or pass --overwrite to write the checkpoint next to them (they are kept)"
+                fix = ("Use an empty or new folder, or pass --overwrite to write the checkpoint next to them "
+                       "(they are kept)")
             raise self._refuse(ConvertError(f"the output folder holds {what}", where=str(self.root), fix=fix))
         in_the_way = sorted(f for f in foreign if f in self.files or f.endswith(WEIGHT_SUFFIXES))
         if in_the_way:

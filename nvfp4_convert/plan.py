@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .constants import BLOCK, quantized_tensors
 from .errors import ConvertError
 from .exclusions import exclude_list, mtp_prefixes, vllm_forms
 from .fp8 import DROPPED_SUFFIXES, Fp8Weight, fp8_weights, source_flavour
@@ -16,7 +17,6 @@ from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
 from .sources.base import ShardHeader, TensorInfo
 
-BLOCK = 16
 _QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
                        ".qweight", ".qzeros", ".scales", ".weight_global_scale", ".SCB")
 EXPERT_MODULE = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>[^.]+)$")  # a MoE expert's Linear
@@ -101,18 +101,11 @@ def _module(name: str) -> str | None:
 
 
 def _outputs(module: str, info: TensorInfo, weight_only: bool) -> tuple[OutTensor, ...]:
-    n, k = info.shape
-    outs = [
-        OutTensor(f"{module}.weight", "U8", (n, k // 2)),
-        OutTensor(f"{module}.weight_scale", "F8_E4M3", (n, k // BLOCK)),
-        OutTensor(f"{module}.weight_scale_2", "F32", ()),
-    ]
-    if not weight_only:
-        outs.append(OutTensor(f"{module}.input_scale", "F32", ()))
-    return tuple(outs)
+    return tuple(OutTensor(*spec) for spec in quantized_tensors(module, info.shape, weight_only=weight_only))
 
 
-def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *, where: str) -> dict[str, SourceTensor]:
+def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *,
+                    where: str) -> dict[str, SourceTensor]:
     """Every source tensor in streaming order (shard, then position), checked against the index."""
     tensors: dict[str, SourceTensor] = {}
     for shard in sorted(headers):
@@ -124,7 +117,8 @@ def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] 
     for name, shard in (weight_map or {}).items():
         if name not in tensors or tensors[name].shard != shard:
             raise ConvertError(f"the index puts {name!r} in {shard}, but that shard does not hold it",
-                               where=f"{where}/model.safetensors.index.json", fix="Re-export or re-download the checkpoint")
+                               where=f"{where}/model.safetensors.index.json",
+                               fix="Re-export or re-download the checkpoint")
     return tensors
 
 

@@ -8,12 +8,12 @@ the plan and fills each tensor's byte range as it is produced.
 from __future__ import annotations
 
 import hashlib
-import zlib
 import json
 import math
 import mmap
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,11 +348,13 @@ def sampled_digest(path: Path, header: ShardHeader) -> str:
     """
     digest = hashlib.sha256()
     data_len = header.file_size - header.data_start
-    starts = [header.data_start + t.data_offsets[0] for t in sorted(header.tensors.values(), key=lambda t: t.data_offsets)]
+    ordered = sorted(header.tensors.values(), key=lambda t: t.data_offsets)
+    starts = [header.data_start + t.data_offsets[0] for t in ordered]
     reads = [(s, SAMPLE_TENSOR_BYTES) for s in starts]
     if data_len > 0:
         step = max(data_len // SAMPLE_BLOCKS, 1)
-        reads += [(header.data_start + i * step, SAMPLE_BLOCK_BYTES) for i in range(SAMPLE_BLOCKS) if i * step < data_len]
+        reads += [(header.data_start + i * step, SAMPLE_BLOCK_BYTES)
+                  for i in range(SAMPLE_BLOCKS) if i * step < data_len]
     with open(path, "rb") as f:
         for start, length in sorted(reads):
             f.seek(start)

@@ -122,7 +122,8 @@ def test_nan_in_weight(tmp_path):
 @pytest.mark.parametrize("how", ["config", "tensor"])
 def test_already_quantized(tmp_path, how):
     if how == "config":
-        src = checkpoint(tmp_path / "src", config={"model_type": "deepseek_v3", "quantization_config": {"quant_method": "awq"}})
+        src = checkpoint(tmp_path / "src",
+                         config={"model_type": "deepseek_v3", "quantization_config": {"quant_method": "awq"}})
     else:
         src = checkpoint(tmp_path / "src", {"a.weight": torch.zeros(16, 16, dtype=torch.float8_e4m3fn),
                                             "a.weight_scale_inv": torch.ones(1, 1)})

@@ -13,11 +13,14 @@ from nvfp4_convert import ConvertError, convert
 from nvfp4_convert.output import STATE_DIR
 
 FUSED = {
-    "llama": [("model.layers.0.self_attn", ("q_proj", "k_proj", "v_proj")), ("model.layers.1.mlp", ("gate_proj", "up_proj"))],
-    "qwen2_moe": [("model.layers.0.mlp.experts.3", ("gate_proj", "up_proj")), ("model.layers.1.mlp.shared_expert", ("gate_proj", "up_proj"))],
+    "llama": [("model.layers.0.self_attn", ("q_proj", "k_proj", "v_proj")),
+              ("model.layers.1.mlp", ("gate_proj", "up_proj"))],
+    "qwen2_moe": [("model.layers.0.mlp.experts.3", ("gate_proj", "up_proj")),
+                  ("model.layers.1.mlp.shared_expert", ("gate_proj", "up_proj"))],
     "qwen3_moe": [("model.layers.1.mlp.experts.0", ("gate_proj", "up_proj"))],
     "mixtral": [("model.layers.1.block_sparse_moe.experts.2", ("w1", "w3"))],
-    "deepseek_v3": [("model.layers.0.mlp", ("gate_proj", "up_proj")), ("model.layers.2.mlp.experts.1", ("gate_proj", "up_proj"))],
+    "deepseek_v3": [("model.layers.0.mlp", ("gate_proj", "up_proj")),
+                    ("model.layers.2.mlp.experts.1", ("gate_proj", "up_proj"))],
 }
 
 
@@ -52,7 +55,8 @@ def test_layout_dtypes_and_configs(tiny, tmp_path):
                          "exclude_modules": ["lm_head", "model.embed_tokens"]},
     }
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and qc["ignore"] == ["lm_head", "model.embed_tokens"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4"
+    assert qc["ignore"] == ["lm_head", "model.embed_tokens"]
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 16
     assert "input_activations" in qc["config_groups"]["group_0"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -92,7 +96,8 @@ def test_dry_run_writes_nothing(tiny, tmp_path):
 def test_exclude_keeps_whole_fused_group(tiny, tmp_path):
     out = tmp_path / "out"
     lines = []
-    report = convert(str(tiny("llama")), out, excludes=["model.layers.0.self_attn.k_proj"], progress=False, log=lines.append)
+    report = convert(str(tiny("llama")), out, excludes=["model.layers.0.self_attn.k_proj"], progress=False,
+                     log=lines.append)
     tensors = load_all(out)
     for leaf in ("q_proj", "k_proj", "v_proj"):
         assert tensors[f"model.layers.0.self_attn.{leaf}.weight"].dtype == torch.bfloat16
@@ -110,8 +115,8 @@ def test_partial_expert_exclusion_keeps_the_layer(tiny, tmp_path):
     assert report.plan.exclude_modules == ["lm_head", "model.embed_tokens", "model.layers.0.block_sparse_moe*",
                                            "model.layers.1.block_sparse_moe*"]  # router and every expert projection
     for layer in (0, 1):
-        assert any(line.startswith(f"warning: model.layers.{layer}.block_sparse_moe.experts: ") and "experts.1.w2" in line
-                   for line in lines)
+        prefix = f"warning: model.layers.{layer}.block_sparse_moe.experts: "
+        assert any(line.startswith(prefix) and "experts.1.w2" in line for line in lines)
     assert not any(".experts." in m for m in report.plan.quantized)
 
 
@@ -144,7 +149,8 @@ def test_k_not_multiple_of_16_is_kept_with_warning(tmp_path):
 
 
 def test_all_zero_weight_and_single_file_source(tmp_path):
-    src = _write_checkpoint(tmp_path / "src", {"model.layers.0.mlp.down_proj.weight": torch.zeros(16, 32, dtype=torch.bfloat16)})
+    src = _write_checkpoint(tmp_path / "src",
+                            {"model.layers.0.mlp.down_proj.weight": torch.zeros(16, 32, dtype=torch.bfloat16)})
     convert(str(src), tmp_path / "out", progress=False)
     t = load_all(tmp_path / "out")
     assert t["model.layers.0.mlp.down_proj.weight"].eq(0).all()

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-from checks import load_all, recompute_check
 from safetensors.torch import save_file
+
+from checks import load_all, recompute_check
+from nvfp4_convert import ConvertError, convert
 from test_resume import snapshot
 from tiny_models import _load, _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
-
-from nvfp4_convert import ConvertError, convert
 
 
 def _in_layers_not_router(name: str) -> bool:
@@ -39,7 +39,8 @@ def expected_source(fp8_src, dst, block):
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
             continue
-        out[name] = dequantize_by_blocks(t, tensors[f"{name}_scale_inv"], block) if t.dtype == torch.float8_e4m3fn else t
+        fp8 = t.dtype == torch.float8_e4m3fn
+        out[name] = dequantize_by_blocks(t, tensors[f"{name}_scale_inv"], block) if fp8 else t
     config = json.loads((fp8_src / "config.json").read_text())
     del config["quantization_config"]
     _save_sharded(dst, out, config, 10**9)
@@ -177,7 +178,8 @@ def test_non_finite_scale_is_refused(tmp_path, bad):
 
 
 @pytest.mark.parametrize("qc, match", [
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, r"compressed-tensors sources \(float-quantized\)"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized"},
+     r"compressed-tensors sources \(float-quantized\)"),
     ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "already quantized .quant_method=modelopt, quant_algo=NVFP4"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "FP8 format 'e5m2'"),
     ({"quant_method": "gptq"}, "already quantized .quant_method=gptq"),

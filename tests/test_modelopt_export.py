@@ -105,9 +105,9 @@ def test_matches_modelopt_export(kind, tiny, tmp_path):
 def test_random_tensors_match_modelopt_gpu_arithmetic():
     """Reference and numba backends equal ModelOpt's quantizer, GPU arithmetic, on 240 tensors."""
     pytest.importorskip("modelopt.torch.quantization")
-    from oracle_cases import cases, modelopt_quantize
     from nvfp4_convert.kernels import cpu, reference
     from nvfp4_convert.kernels.common import global_scale
+    from oracle_cases import cases, modelopt_quantize
 
     backends = [reference] + ([cpu] if cpu.available() is None else [])
     ulp_apart = 0

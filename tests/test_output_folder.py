@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from checks import recompute_check
 
+from checks import recompute_check
 from nvfp4_convert import ConvertError, convert
 from nvfp4_convert.output import STATE_DIR, OutputDir, read_conversion_info
 

@@ -100,7 +100,7 @@ def test_fresh_conversion_verifies_clean(converted, kind, with_source):
 
 
 def test_source_shards_are_held_one_at_a_time(converted, monkeypatch):
-    import nvfp4_convert.compare as compare_module
+    import nvfp4_convert.verify.compare as compare_module
 
     held: set[str] = set()
     acquired: list[str] = []
@@ -314,7 +314,7 @@ def _total(out: Path, index: dict) -> int:
 
 
 def test_sqnr_outliers_are_flagged():
-    from nvfp4_convert.compare import LayerError, flag_outliers
+    from nvfp4_convert.verify.compare import LayerError, flag_outliers
 
     def layers(*dbs):
         return [LayerError(f"m{i}", (16, 16), db, 0.1, 0) for i, db in enumerate(dbs)]

@@ -171,7 +171,8 @@ def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor], config: dict, 
 
 
 def add_mtp_layer(src: Path, dst: Path) -> Path:
-    """``src`` (a tiny DeepSeek-V3) plus a multi-token-prediction layer after the decoder stack, as DeepSeek ships it."""
+    """``src`` (a tiny DeepSeek-V3) plus a multi-token-prediction layer after the decoder stack, as DeepSeek ships
+    it."""
     import shutil
 
     config = json.loads((src / "config.json").read_text())

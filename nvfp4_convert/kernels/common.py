@@ -1,14 +1,16 @@
-"""NVFP4 constants and the scale math shared by every backend."""
+"""The scale math, code packing and dequantization shared by every backend (the numbers: :mod:`..constants`)."""
 
 from __future__ import annotations
 
 import torch
 
-BLOCK = 16
-E2M1_MAX = 6.0
-E4M3_MAX = 448.0
-SCALE_MIN = 2.0**-9
-E2M1_VALUES = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6])
+from ..constants import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN
+from ..constants import E2M1_VALUES as _E2M1_VALUES
+
+__all__ = ["BLOCK", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "SCALE_MIN", "dequantize", "global_scale",
+           "grid_position", "pack_codes", "unpack_codes"]
+
+E2M1_VALUES = torch.tensor(_E2M1_VALUES)  # value of each 4-bit code, as a float32 lookup table
 
 # ModelOpt computes global scales as ``amax / (6.0 * 448.0)``, dividing by a Python number, and its exports
 # run on CUDA. There PyTorch replaces a division by a CPU scalar with a multiplication by the scalar's
@@ -32,7 +34,22 @@ def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """Expand packed codes ``[R, K/2]`` with block scales ``[R, K/16]`` back to ``[R, K]`` values."""
     rows = packed.shape[0]
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(rows, -1).long()
-    values = E2M1_VALUES.to(packed.device)[codes].view(rows, -1, BLOCK)
+    values = E2M1_VALUES.to(packed.device)[unpack_codes(packed).long()].view(rows, -1, BLOCK)
     out = values * (scales.float() * ws2.float()).unsqueeze(-1)
     return out.view(rows, -1).to(dtype)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes ``uint8 [..., K]`` -> bytes ``uint8 [..., K/2]``: element ``2j`` in the low nibble."""
+    return (codes[..., 1::2] << 4) | codes[..., 0::2]
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: bytes ``uint8 [..., K/2]`` -> codes ``uint8 [..., K]``."""
+    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).flatten(-2)
+
+
+def grid_position(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes -> signed position on the E2M1 grid, -7..7 (both zeros 0), as int16."""
+    magnitude = (codes & 0x7).to(torch.int16)
+    return torch.where(codes & 0x8 > 0, -magnitude, magnitude)

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import Backend
 from .common import BLOCK, INV_GLOBAL, global_scale
 
 try:
@@ -166,7 +167,8 @@ if triton is not None:
 
     @triton.jit
     def _rd_mul(a, b):
-        return tl.inline_asm_elementwise("mul.rm.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("mul.rm.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
     @triton.jit
     def _pair(t, KIND: tl.constexpr):
@@ -351,7 +353,7 @@ def _launch_quantize(weight: torch.Tensor, scale: torch.Tensor, *, from_amax: bo
     return packed, scales, ws2_out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -377,7 +379,8 @@ def _amax(weight: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _quantize(weight: torch.Tensor, ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor,
+              ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on(weight.device):
         if ws2 is None:
             acc = torch.zeros((), dtype=torch.float32, device=weight.device)
@@ -401,7 +404,8 @@ def _(weight):
 
 
 @torch.library.custom_op("nvfp4_convert::quantize", mutates_args=())
-def quantize_op(weight: torch.Tensor, ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_op(weight: torch.Tensor,
+                ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4-quantize ``weight [R, K]`` on its GPU: ``(packed u8 [R, K/2], scales fp8 [R, K/16], ws2)``.
 
     ``ws2`` is the float32 global scale (a 0-dim tensor on the weight's device); when ``None`` it is derived
@@ -420,7 +424,8 @@ def _(weight, ws2=None):
     )
 
 
-def quantize_device(weight: torch.Tensor, *, ws2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_device(weight: torch.Tensor, *,
+                    ws2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Device-resident entry point: CUDA ``weight [R, K]`` -> CUDA ``(packed, scales, ws2)``.
 
     ``ws2``: the group's float32 global scale as a 0-dim CUDA tensor, or ``None`` to derive it from this
@@ -463,9 +468,7 @@ def available() -> str | None:
     return None
 
 
-from . import Backend, register  # noqa: E402  (imported by the package after Backend exists)
-
-register(
+BACKENDS = (
     Backend(
         name="triton",
         quantize=quantize,
@@ -476,5 +479,5 @@ register(
         priority=100,
         description="Triton kernel, bit-exact with ModelOpt 0.47; any CUDA GPU of compute capability 8.0+",
         quantize_device=quantize_on_device,
-    )
+    ),
 )

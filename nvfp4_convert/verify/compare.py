@@ -16,10 +16,11 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .kernels.common import BLOCK, dequantize
-from .kernels.reference import cast_e2m1
-from .safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
-from .sources import open_source
+from ..constants import SCALE_SUFFIXES
+from ..kernels.common import BLOCK, dequantize, grid_position, unpack_codes
+from ..kernels.reference import cast_e2m1
+from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
+from ..sources import open_source
 
 CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes compared at a time
 COMPARE_BYTES = 16 * 1024 * 1024  # float32 source rows dequantized at a time (temporaries are several times this)
@@ -99,7 +100,7 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
                     source.release(shard)
     finally:
         source.close()
-    scale_names = {f"{m}{s}" for m in nvfp4 for s in (".weight_scale", ".weight_scale_2", ".input_scale")}
+    scale_names = {m + s for m in nvfp4 for s in SCALE_SUFFIXES}
     for name in sorted(set(output.tensors) - scale_names - seen):
         result.problems.append(("kept vs source", "tensor is not in the source", name))
     flag_outliers(result.layers)
@@ -189,20 +190,12 @@ def _sqnr(signal: float, error: float) -> float:
     return 10 * math.log10(signal / error) if signal > 0 else -math.inf
 
 
-def _signed_index(codes: torch.Tensor) -> torch.Tensor:
-    """E2M1 code -> position on the grid -7..7 (both zeros at 0)."""
-    magnitude = (codes & 0x7).int()
-    return torch.where(codes & 0x8 > 0, -magnitude, magnitude)
-
-
 def _code_distance(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
     """Grid steps between each stored code and round-to-nearest of the source value with the stored scales.
 
     Correct quantization gives 0 (1 at a rounding tie for approximate kernels); a corrupted byte gives
     more. Unlike an error bound this holds for saturated and subnormal-scale blocks too.
     """
-    rows, k = w.shape
     unit = (scales.float() * ws2).repeat_interleave(BLOCK, dim=1)
     expected = cast_e2m1(torch.nan_to_num(w / unit, nan=0.0, posinf=6.0, neginf=-6.0))
-    stored = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(rows, k)
-    return (_signed_index(stored) - _signed_index(expected)).abs()
+    return (grid_position(unpack_codes(packed)) - grid_position(expected)).abs()
