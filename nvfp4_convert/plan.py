@@ -173,13 +173,14 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
         elif t.info.shape[1] % BLOCK:
             kept_reasons[module] = f"in_features {t.info.shape[1]} is not a multiple of 16"
             if not EXPERT_MODULE.match(module):  # experts: one warning for their whole layer, below
-                warnings.append(f"{module}: in_features {t.info.shape[1]} is not a multiple of 16; kept in {t.info.dtype}")
+                warnings.append(f"{module}: {kept_reasons[module]}; kept in {t.info.dtype}")
         else:
             candidates[module] = t
     if conv1d:
-        warnings.append(f"{len(conv1d)} Hugging Face Conv1D weights (e.g. {conv1d[0]}) stay {linear_like[conv1d[0]].info.dtype}:"
-                        " they are stored [in, out] and engines transpose them at load, so NVFP4 blocks cannot run "
-                        "along their input dimension here")
+        dtype = linear_like[conv1d[0]].info.dtype
+        warnings.append(f"{len(conv1d)} Hugging Face Conv1D weights (e.g. {conv1d[0]}) stay {dtype}: they are stored "
+                        "[in, out] and engines transpose them at load, so NVFP4 blocks cannot run along their input "
+                        "dimension here")
 
     groups = fusion_groups(linear_like, recipe)
     for group in groups:  # a fused group is quantized whole or not at all
