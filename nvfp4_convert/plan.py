@@ -160,6 +160,7 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     kept_reasons: dict[str, str] = {}
 
     linear_like = {m: t for n, t in tensors_out.items() if (m := _module(n)) and len(t.info.shape) >= 2}
+    warnings += _fused_expert_warnings(tensors_out)
     candidates: dict[str, SourceTensor] = {}
     conv1d: list[str] = []
     for module, t in linear_like.items():
@@ -241,6 +242,19 @@ def fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[
     for m in parent:
         clusters.setdefault(find(m), []).append(m)
     return [tuple(sorted(c)) for c in clusters.values() if len(c) > 1]
+
+
+FUSED_EXPERTS = re.compile(r"\.experts\.[^.]+$")  # transformers 5's stacked experts, e.g. mlp.experts.gate_up_proj
+
+
+def _fused_expert_warnings(tensors: dict[str, SourceTensor]) -> list[str]:
+    """Stacked 3-D expert weights (``experts.gate_up_proj [E, 2I, H]``) are not quantized: say so."""
+    fused = [t for n, t in tensors.items() if len(t.info.shape) == 3 and FUSED_EXPERTS.search(n)]
+    if not fused:
+        return []
+    dtypes = "/".join(sorted({t.info.dtype for t in fused}))
+    return [f"{len(fused)} fused 3-D expert tensors (e.g. {fused[0].name} {list(fused[0].info.shape)}) are not "
+            f"quantized and stay {dtypes}; save the model with one Linear per expert to quantize its experts"]
 
 
 def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> None:

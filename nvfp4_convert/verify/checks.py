@@ -14,6 +14,7 @@ from ..configs import FP4_SCHEME
 from ..constants import (
     BLOCK,
     E4M3_MAX,
+    GLOBAL_SCALE_MIN,
     INPUT_SCALE,
     QUANTIZED_TENSORS,
     SCALAR_SUFFIXES,
@@ -286,6 +287,8 @@ class OutputChecker:
         value = torch.frombuffer(bytearray(raw), dtype=torch.float32).item()
         if not math.isfinite(value) or value <= 0:
             self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, expected a positive finite number", name)
+        elif value < GLOBAL_SCALE_MIN:  # engines take its reciprocal, which would be inf
+            self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, below the smallest normal float32", name)
 
     def _scan_codes(self, module: str) -> None:
         name = f"{module}.weight"
