@@ -162,16 +162,26 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     linear_like = {m: t for n, t in tensors_out.items() if (m := _module(n)) and len(t.info.shape) >= 2}
     warnings += _fused_expert_warnings(tensors_out)
     candidates: dict[str, SourceTensor] = {}
+    conv1d: list[str] = []
     for module, t in linear_like.items():
         if not recipe.matches("quantize", module) or recipe.matches("exclude", module):
             kept_reasons[module] = "excluded by recipe"
+        elif recipe.matches("conv1d", module):
+            kept_reasons[module] = "Hugging Face Conv1D weight, stored [in, out]"
+            conv1d.append(module)
         elif len(t.info.shape) != 2 or t.info.dtype not in FLOAT_DTYPES and t.name not in fp8:
             kept_reasons[module] = f"not a 2-D float weight ({t.info.dtype}{list(t.info.shape)})"
         elif t.info.shape[1] % BLOCK:
             kept_reasons[module] = f"in_features {t.info.shape[1]} is not a multiple of 16"
-            warnings.append(f"{module}: in_features {t.info.shape[1]} is not a multiple of 16; kept in {t.info.dtype}")
+            if not EXPERT_MODULE.match(module):  # experts: one warning for their whole layer, below
+                warnings.append(f"{module}: {kept_reasons[module]}; kept in {t.info.dtype}")
         else:
             candidates[module] = t
+    if conv1d:
+        dtype = linear_like[conv1d[0]].info.dtype
+        warnings.append(f"{len(conv1d)} Hugging Face Conv1D weights (e.g. {conv1d[0]}) stay {dtype}: they are stored "
+                        "[in, out] and engines transpose them at load, so NVFP4 blocks cannot run along their input "
+                        "dimension here")
 
     groups = fusion_groups(linear_like, recipe)
     for group in groups:  # a fused group is quantized whole or not at all
