@@ -196,7 +196,8 @@ HEADERS = {
     "offsets-three": {W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 32, 64]}},
     "offsets-object": {W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": {"0": 64}}},
     "metadata-list": {"__metadata__": [1], W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}},
-    "lone-surrogate-name": b'{"model.layers.0.\\ud800.weight": {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}}',
+    "lone-surrogate-name": b'{"model.layers.0.\\ud800.weight": '
+                           b'{"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}}',
     "lone-surrogate-metadata": b'{"__metadata__": {"format": "\\udfff"}, "' + W.encode() +
                                b'": {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}}',
 }

@@ -123,7 +123,8 @@ class HubSource:
 
     def read_json(self, filename: str) -> dict:
         path = self.fetch_file(filename)
-        return load_json(path, filename=filename, where=self.description, fix="Fix the file in the repo or pick another revision")
+        return load_json(path, filename=filename, where=self.description,
+                         fix="Fix the file in the repo or pick another revision")
 
     def headers(self) -> dict[str, ShardHeader]:
         """Every shard's header, read with HTTP range requests (no tensor data is downloaded)."""
