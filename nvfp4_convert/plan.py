@@ -196,7 +196,12 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     units: list[Unit] = []
     emitted: set[str] = set()
     def shards_of(names) -> frozenset[str]:
-        return frozenset(tensors[r].shard for n in names for r in ([n, fp8[n].scale] if n in fp8 else [n]))
+        shards = set()
+        for n in names:
+            shards.add(tensors[n].shard)
+            if n in fp8:
+                shards.add(tensors[fp8[n].scale].shard)
+        return frozenset(shards)
 
     for name, t in tensors_out.items():
         module = _module(name)
@@ -212,8 +217,9 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
             dtype = "BF16" if name in fp8 else t.info.dtype
             units.append(Unit(kept=name, outputs=(OutTensor(name, dtype, t.info.shape),), sources=shards_of([name])))
 
-    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe)
-    for entry, clash in substring_clashes(exclude, engine_names(quantized, groups, recipe)).items():
+    served = engine_names(quantized, groups, recipe)
+    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe, served)
+    for entry, clash in substring_clashes(exclude, served).items():
         warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
                 shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
@@ -312,7 +318,7 @@ def substring_clashes(entries: list[str], names: list[str]) -> dict[str, str]:
     return clashes
 
 
-def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe) -> list[str]:
+def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe, served: list[str]) -> list[str]:
     """``exclude_modules`` as ModelOpt writes it (see :mod:`.exclusions`), fused aliases of kept groups included."""
     names = [m for m in linear_like if m not in quantized]
     if "lm_head.weight" not in tensors:
@@ -323,7 +329,7 @@ def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Re
             head = group[0].rpartition(".")[0]
             leaves = {m.rpartition(".")[2] for m in group}
             names.extend(f"{head}.{alias}" for members, alias in aliases.items() if leaves <= members)
-    return exclude_list(names, engine_names(quantized, groups, recipe), mtp_prefixes(config, linear_like))
+    return exclude_list(names, served, mtp_prefixes(config, linear_like))
 
 
 def _layout_shards(units: list[Unit], max_shard_size: int) -> list[OutputShard]:
