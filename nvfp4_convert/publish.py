@@ -105,6 +105,15 @@ def _base_model(info: dict) -> str | None:
     return str(info["source"]).rsplit("@", 1)[0]
 
 
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    if not calibration:
+        return []
+    where = calibration["dataset"] + "".join(f", {k} `{calibration[k]}`" for k in ("split", "column")
+                                             if calibration.get(k))
+    return [f"- **Calibration:** {calibration['samples']} samples x {calibration['seq_len']} tokens of {where}; "
+            f"method: {calibration['method']}."]
+
+
 def _body(info: dict, report: VerifyReport, repo_id: str, base: str | None) -> list[str]:
     name = repo_id.rsplit("/", 1)[-1]
     weight_only = info["quant_algo"] == "W4A16_NVFP4"
@@ -123,6 +132,7 @@ def _body(info: dict, report: VerifyReport, repo_id: str, base: str | None) -> l
         f"- **{info['kept_tensors']} tensors kept** byte-identical to the source (embeddings, norms, "
         "routers, `lm_head` and anything excluded).",
         f"- **Activations:** {info['activation_policy']}.",
+        *_calibration_lines(info.get("calibration")),
         f"- **Recipe:** `{info['recipe']['name']}`.",
         f"- **Excluded modules** ({len(exclude)}, `exclude_modules` in `hf_quant_config.json` and `ignore` in "
         "`config.json`):",
