@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from . import __version__
+from . import __version__, calibration
 from .errors import ConvertError
 
 app = typer.Typer(
@@ -74,6 +74,17 @@ def convert(
     overwrite: Annotated[bool, typer.Option("--overwrite",
                                             help="Replace an output folder that holds something else.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    calibrate: Annotated[str | None, typer.Option(
+        help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id (gives real "
+        "input_scales).")
+    ] = None,
+    calib_samples: Annotated[int, typer.Option(help="With --calibrate: number of samples.")] = calibration.SAMPLES,
+    calib_seq_len: Annotated[int, typer.Option(help="With --calibrate: tokens per sample.")] = calibration.SEQ_LEN,
+    calib_column: Annotated[str | None, typer.Option(
+        help="With --calibrate: text column of .jsonl/.parquet/Hub data (default: text).")
+    ] = None,
+    calib_split: Annotated[str | None, typer.Option(help="With --calibrate: Hub dataset split (default: train).")
+    ] = None,
     push_to_hub: Annotated[str | None, typer.Option(
         help="After a successful conversion, verify OUT and upload it to this Hub repo.")
     ] = None,
@@ -89,7 +100,8 @@ def convert(
             src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
             recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
             backend=backend, exact=exact, threads=threads, dry_run=dry_run, overwrite=overwrite, progress=progress,
-            command=_command_line(), log=lambda line: typer.echo(line, err=True),
+            calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
+            calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
         )
     except (ConvertError, KeyboardInterrupt, Exception) as exc:  # one line, not a traceback
         _fail(exc, debug)

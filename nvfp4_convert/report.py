@@ -31,6 +31,7 @@ class Report:
     seconds: float = 0.0
     skipped_shards: list[str] = field(default_factory=list)
     dry_run: bool = False
+    calibration: dict | None = None  # dataset, samples, seq_len, method (None: data-free)
 
     @property
     def quant_algo(self) -> str:
