@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import glob
 import json
 from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConvertError
-from .output import STATE_DIR, read_conversion_info, write_bytes_atomic, write_json_atomic
+from .output import STATE_DIR, conversion_files, read_conversion_info, write_bytes_atomic, write_json_atomic
 from .report import human_bytes
 from .verify import CHECKS, VerifyReport, verify
 
@@ -56,7 +57,10 @@ def push(out: Path, repo_id: str, *, private: bool = False, token: str | None = 
     api = HfApi(endpoint=endpoint, token=token)
     with _upload_errors(repo_id):
         url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        # Only what the conversion wrote, and the card: never files of the user's that share the folder.
+        allow = [glob.escape(name) for name in conversion_files(out)] + ["README.md"]
         api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model", ignore_patterns=IGNORE_PATTERNS,
+                          allow_patterns=allow,
                           commit_message=commit_message or f"Upload {info['quant_algo']} checkpoint ({info['tool']})")
     return str(url)
 
