@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from checks import load_all, recompute_check
 from nvfp4_convert import ConvertError, convert
 from test_resume import snapshot
-from tiny_models import _load, _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
+from tiny_models import _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
 
 
 def _in_layers_not_router(name: str) -> bool:
@@ -34,7 +34,7 @@ def dequantize_by_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple
 
 def expected_source(fp8_src, dst, block):
     """The BF16 checkpoint the FP8 one stands for: every FP8 weight dequantized, scales gone."""
-    tensors = _load(fp8_src)
+    tensors = load_all(fp8_src)
     out = {}
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
