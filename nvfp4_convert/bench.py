@@ -28,8 +28,8 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -262,7 +262,8 @@ def run_bench(
             row = _measure(base, inputs, "reference", reference.amax, reference.quantize, reps,
                            warm_up=device == "cuda", exact=True, note=note)
         else:
-            row = {**base, "backend": "reference", "note": f"not run above {REFERENCE_MAX_ELEMENTS:,} elements (too slow)"}
+            row = {**base, "backend": "reference",
+                   "note": f"not run above {REFERENCE_MAX_ELEMENTS:,} elements (too slow)"}
         results.append(row)
         for backend in chosen:
             if backend.device != device:
@@ -335,7 +336,8 @@ def _print_table(results: list[dict], out: Callable[[str], object]) -> None:
     for r in results:
         shape = f"{r['rows']}x{r['cols']}"
         if "median_s" not in r:
-            out(f"{r['backend']:<22} {shape:>11} {'':>10} {'':>8} {'':>13} {'':>12} {'':>8} {'':>8}  {r.get('note', '')}")
+            blank = f"{'':>10} {'':>8} {'':>13} {'':>12} {'':>8} {'':>8}"
+            out(f"{r['backend']:<22} {shape:>11} {blank}  {r.get('note', '')}")
             continue
         ratio = _fmt_ratio(r.get("speedup_vs_reference"))
         if ratio and r.get("reference_basis", "measured") != "measured":

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from . import __version__
+from . import __version__, calibration
 from .errors import ConvertError
 
 app = typer.Typer(
@@ -52,23 +52,46 @@ def _fail(exc: BaseException, debug: bool) -> None:
 def convert(
     src: Annotated[str, typer.Argument(help="Hub repo id (e.g. meta-llama/Llama-3.1-8B-Instruct) or a local folder.")],
     out: Annotated[Path, typer.Argument(help="Output folder. Re-running the same command resumes it.")],
-    revision: Annotated[Optional[str], typer.Option(help="Hub branch, tag or commit.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Hub token for gated/private repos (default: HF_TOKEN).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Where Hub shards are downloaded, one at a time.")] = None,
-    keep_source: Annotated[bool, typer.Option("--keep-source", help="Keep downloaded shards instead of deleting each after use.")] = False,
-    recipe: Annotated[Optional[Path], typer.Option(help="TOML recipe replacing the one picked by model_type.")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Keep modules matching this pattern in high precision (repeatable), e.g. '*self_attn*'.")] = None,
-    weight_only: Annotated[bool, typer.Option("--weight-only", help="Write W4A16_NVFP4 (no input_scale) instead of W4A4 NVFP4.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Hub branch, tag or commit.")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token for gated/private repos (default: HF_TOKEN).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    work_dir: Annotated[Path | None, typer.Option(help="Where Hub shards are downloaded, one at a time.")] = None,
+    keep_source: Annotated[bool, typer.Option("--keep-source",
+        help="Keep downloaded shards instead of deleting each after use.")
+    ] = False,
+    recipe: Annotated[Path | None, typer.Option(help="TOML recipe replacing the one picked by model_type.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        help="Keep modules matching this pattern in high precision (repeatable), e.g. '*self_attn*'.")
+    ] = None,
+    weight_only: Annotated[bool, typer.Option("--weight-only",
+        help="Write W4A16_NVFP4 (no input_scale) instead of W4A4 NVFP4.")
+    ] = False,
     max_shard_size: Annotated[str, typer.Option(help="Output shard size limit.")] = "5GB",
-    backend: Annotated[Optional[str], typer.Option(help="Force a quantize backend (see `nvfp4-convert bench`).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Force a quantize backend (see `nvfp4-convert bench`).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Only use backends bit-exact with ModelOpt.")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads (default: all cores).")] = None,
-    scales: Annotated[str, typer.Option(help="Block scales: rtn (from each block's max), mse (least squared error, as ModelOpt's MSE calibration) or mse-weighted (least error weighted by a data-free channel-importance estimate).")] = "rtn",
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    scales: Annotated[str, typer.Option(
+        help="Block scales: rtn (from each block's max), mse (least squared error, as ModelOpt's MSE "
+        "calibration) or mse-weighted (least error weighted per input channel by a data-free importance estimate).")
+    ] = "rtn",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output folder that holds something else.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite",
+                                            help="Replace an output folder that holds something else.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
-    push_to_hub: Annotated[Optional[str], typer.Option(help="After a successful conversion, verify OUT and upload it to this Hub repo.")] = None,
+    calibrate: Annotated[str | None, typer.Option(
+        help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id (gives real "
+        "input_scales).")
+    ] = None,
+    calib_samples: Annotated[int, typer.Option(help="With --calibrate: number of samples.")] = calibration.SAMPLES,
+    calib_seq_len: Annotated[int, typer.Option(help="With --calibrate: tokens per sample.")] = calibration.SEQ_LEN,
+    calib_column: Annotated[str | None, typer.Option(
+        help="With --calibrate: text column of .jsonl/.parquet/Hub data (default: text).")
+    ] = None,
+    calib_split: Annotated[str | None, typer.Option(help="With --calibrate: Hub dataset split (default: train).")
+    ] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        help="After a successful conversion, verify OUT and upload it to this Hub repo.")
+    ] = None,
     private: Annotated[bool, typer.Option("--private", help="With --push-to-hub: create the repo private.")] = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -80,8 +103,10 @@ def convert(
         report = run_convert(
             src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
             recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
-            backend=backend, exact=exact, threads=threads, scales=scales, dry_run=dry_run, overwrite=overwrite, progress=progress,
-            command=_command_line(), log=lambda line: typer.echo(line, err=True),
+            backend=backend, exact=exact, threads=threads, scales=scales, dry_run=dry_run, overwrite=overwrite,
+            progress=progress,
+            calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
+            calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
         )
     except (ConvertError, KeyboardInterrupt, Exception) as exc:  # one line, not a traceback
         _fail(exc, debug)
@@ -95,12 +120,18 @@ def convert(
 @app.command("verify")
 def verify_command(
     out: Annotated[Path, typer.Argument(help="The converted checkpoint folder.")],
-    source: Annotated[Optional[str], typer.Option(help="The source it was converted from (folder or Hub repo): also measure the error and check kept tensors are unchanged.")] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --source.")] = None,
-    token: Annotated[Optional[str], typer.Option(help="Hub token for a gated/private --source (default: HF_TOKEN).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
-    plots: Annotated[Optional[Path], typer.Option(help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
+    source: Annotated[str | None, typer.Option(
+        help="The source it was converted from (folder or Hub repo): also measure the error and check kept tensors "
+             "are unchanged.")
+    ] = None,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of --source.")] = None,
+    token: Annotated[str | None,
+                     typer.Option(help="Hub token for a gated/private --source (default: HF_TOKEN).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    json_path: Annotated[Path | None,
+                         typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    plots: Annotated[Path | None,
+                     typer.Option(help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     debug: DebugOpt = False,
 ) -> None:
@@ -123,10 +154,13 @@ def verify_command(
 def push_command(
     out: Annotated[Path, typer.Argument(help="A finished conversion's output folder.")],
     repo_id: Annotated[str, typer.Argument(help="Hub repo to create (if needed) and upload to, e.g. me/Model-NVFP4.")],
-    private: Annotated[bool, typer.Option("--private", help="Create the repo private (an existing repo keeps its visibility).")] = False,
-    token: Annotated[Optional[str], typer.Option(help="Hub token with write access (default: HF_TOKEN or the stored login).")] = None,
-    endpoint: Annotated[Optional[str], typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
-    commit_message: Annotated[Optional[str], typer.Option(help="Commit message.")] = None,
+    private: Annotated[bool, typer.Option("--private",
+        help="Create the repo private (an existing repo keeps its visibility).")
+    ] = False,
+    token: Annotated[str | None,
+                     typer.Option(help="Hub token with write access (default: HF_TOKEN or the stored login).")] = None,
+    endpoint: Annotated[str | None, typer.Option(help="Hub endpoint URL (mirrors).", hidden=True)] = None,
+    commit_message: Annotated[str | None, typer.Option(help="Commit message.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Verify OUT, write its model card and upload it to the Hub."""
@@ -147,13 +181,15 @@ def _push(out: Path, repo_id: str, *, private: bool, token: str | None, endpoint
 @app.command()
 def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    backend: Annotated[Optional[list[str]], typer.Option(help="Only these backends (repeatable).")] = None,
+    backend: Annotated[list[str] | None, typer.Option(help="Only these backends (repeatable).")] = None,
     dtype: Annotated[str, typer.Option(help="Input dtype: bfloat16, float16 or float32.")] = "bfloat16",
-    shape: Annotated[Optional[list[str]], typer.Option(help="Weight shape RxK to time (repeatable), e.g. 8192x8192.")] = None,
-    sweep: Annotated[bool, typer.Option("--sweep", help="Time every M x K of M in 1..32768 and K in 128..16384.")] = False,
+    shape: Annotated[list[str] | None,
+                     typer.Option(help="Weight shape RxK to time (repeatable), e.g. 8192x8192.")] = None,
+    sweep: Annotated[bool,
+                     typer.Option("--sweep", help="Time every M x K of M in 1..32768 and K in 128..16384.")] = False,
     repeats: Annotated[int, typer.Option(help="Timed calls per shape (the median is shown).")] = 5,
-    csv: Annotated[Optional[Path], typer.Option(help="Also write the results to this CSV file.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also plot the speedups to this PNG (needs matplotlib).")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the results to this CSV file.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also plot the speedups to this PNG (needs matplotlib).")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Measure quantize throughput of every available backend on a sweep of weight shapes."""
@@ -175,7 +211,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[bool,
+                       typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
 ) -> None:
     pass
 
@@ -186,3 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     if args and not args[0].startswith("-") and args[0] not in COMMANDS:
         args.insert(0, "convert")
     app(args=args, prog_name="nvfp4-convert")
+
+
+if __name__ == "__main__":
+    main()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
-GROUP_SIZE = 16
+from .constants import BLOCK
+
 PRODUCER = {"name": "modelopt", "version": "0.47.0"}  # engines detect the format by this producer name
-FP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": GROUP_SIZE}  # config_groups entry
+FP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": BLOCK}  # config_groups entry
 
 
 def quant_algo(weight_only: bool) -> str:
@@ -20,7 +21,7 @@ def hf_quant_config(*, exclude_modules: list[str], weight_only: bool) -> dict:
         "quantization": {
             "quant_algo": quant_algo(weight_only),
             "kv_cache_quant_algo": None,
-            "group_size": GROUP_SIZE,
+            "group_size": BLOCK,
             "exclude_modules": list(exclude_modules),
         },
     }

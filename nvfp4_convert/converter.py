@@ -5,48 +5,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from . import pipeline
-from .configs import hf_quant_config, quant_algo, quantized_model_config, safetensors_index
+from . import __version__, calibration, pipeline
+from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .importance import ChannelWeights, DataFreeProxy
 from .kernels import Backend
 from .kernels.search import SCALE_MODES
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
-from .plan import Plan, build_plan, check_not_quantized
+from .plan import EXPERT_MODULE, Plan, build_plan, check_not_quantized
 from .recipes import Recipe, load_recipe
+from .report import Report
 from .safetensors_io import TORCH_DTYPES
 from .sources import Source, open_source
 from .sources.base import PICKLE_SUFFIXES, SAFETENSORS_INDEX
 
 _NOT_COPIED_SUFFIXES = (".safetensors", ".gguf", ".onnx", ".h5", ".msgpack", ".partial", *PICKLE_SUFFIXES)
 _REWRITTEN = {"config.json", "hf_quant_config.json", SAFETENSORS_INDEX}
-
-
-@dataclass
-class Report:
-    """What a conversion did (or, with ``dry_run``, would do)."""
-
-    source: str
-    output: Path
-    plan: Plan
-    recipe: Recipe
-    backend: str = ""
-    backend_reason: str = ""
-    scales: str = "rtn"
-    activation_policy: str = ""
-    seconds: float = 0.0
-    skipped_shards: list[str] = field(default_factory=list)
-    dry_run: bool = False
-
-    @property
-    def quant_algo(self) -> str:
-        return quant_algo(self.plan.weight_only)
 
 
 def parse_size(text: str | int) -> int:
@@ -64,9 +42,12 @@ def parse_size(text: str | int) -> int:
     raise ConvertError(f"cannot read size {text!r}", where="--max-shard-size", fix="Use e.g. 5GB, 500MB or 100KB")
 
 
-def activation_policy(weight_only: bool) -> str:
+def activation_policy(weight_only: bool, calibration: dict | None = None) -> str:
     if weight_only:
         return "weight-only (W4A16_NVFP4): no input_scale; activations stay 16-bit"
+    if calibration:
+        return (f"W4A4 (NVFP4), calibrated: input_scale = max|x| / (6 * 448) per fused group, from "
+                f"{calibration['samples']} x {calibration['seq_len']} tokens of {calibration['dataset']}")
     return "W4A4 (NVFP4), data-free: input_scale = 1.0 for every quantized Linear (no calibration)"
 
 
@@ -91,6 +72,11 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    calibrate: str | None = None,
+    calib_samples: int = calibration.SAMPLES,
+    calib_seq_len: int = calibration.SEQ_LEN,
+    calib_column: str | None = None,
+    calib_split: str | None = None,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Report:
@@ -119,6 +105,10 @@ def convert(
         dry_run: plan only; write nothing.
         overwrite: replace an output folder that holds something else.
         progress: show progress bars.
+        calibrate: calibration text (a .txt/.jsonl/.parquet file or a Hub dataset id): real ``input_scale``s
+            from activation statistics collected one decoder layer at a time (default: data-free).
+        calib_samples, calib_seq_len: how many samples of how many tokens to calibrate on.
+        calib_column, calib_split: the text column (default ``text``) and Hub split (default ``train``).
         command: the command line that asked for this (recorded for the model card; must hold no token).
         log: where human-readable lines go.
 
@@ -129,6 +119,9 @@ def convert(
         ConvertError: for bad input, with what went wrong, where, and what to do.
     """
     started = time.perf_counter()
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096):
+        raise ConvertError(f"--threads must be a whole number from 1 to 4096, not {threads!r}", where="--threads",
+                           fix="Pass a positive thread count, or leave it out to use every core")
     if scales not in SCALE_MODES:
         raise ConvertError(f"unknown block-scale mode {scales!r}", where="--scales",
                            fix=f"Use one of: {', '.join(SCALE_MODES)}")
@@ -147,6 +140,12 @@ def convert(
                         activation_policy=activation_policy(weight_only), dry_run=dry_run)
         for warning in plan.warnings:
             log(f"warning: {warning}")
+        data = None
+        if calibrate:
+            data = _calibration_data(source, calibrate, samples=calib_samples, seq_len=calib_seq_len,
+                                     column=calib_column, split=calib_split, endpoint=endpoint, token=token)
+            report.calibration = calibration_info(data)
+            report.activation_policy = activation_policy(weight_only, report.calibration)
         if dry_run:
             return report
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
@@ -154,13 +153,14 @@ def convert(
         report.backend, report.backend_reason, report.scales = chosen.name, reason, scales
         if scales == "mse-weighted" and channel_weights is None:
             channel_weights = DataFreeProxy(config, set(plan.tensors))
-        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size, scales)
+        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size, scales=scales,
+                                   calibration=data.fingerprint() if data is not None else None)
         copied = _copied_files(source)
         files = [*(s.filename for s in plan.shards), *copied, *sorted(_REWRITTEN)]
         output = OutputDir(Path(out), fingerprint=fingerprint, files=files, sources=_shard_sources(source, plan),
                            overwrite=overwrite, log=log)
-        _write_shards(source, plan, output, chosen, report, progress=progress, scales=scales,
-                      channel_weights=channel_weights)
+        _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log,
+                      scales=scales, channel_weights=channel_weights)
         for name in copied:
             copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
@@ -191,6 +191,7 @@ def conversion_info(report: Report, *, source_revision: str | None, command: str
         "exclude_modules": plan.exclude_modules,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
+        "calibration": report.calibration,
     }
 
 
@@ -215,14 +216,15 @@ def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
     try:
         backend, reason = selfcheck.select_proven_backend(name, exact=exact, dtypes=dtypes, scales=scales)
     except (KeyError, RuntimeError) as exc:
-        raise ConvertError(str(exc).strip("'\""), where="--backend", fix="Run `nvfp4-convert bench` to list backends") from None
+        raise ConvertError(str(exc).strip("'\""), where="--backend",
+                           fix="Run `nvfp4-convert bench` to list backends") from None
     if threads and backend.set_threads:
         backend.set_threads(threads)
     return backend, reason
 
 
-def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool, shard_size: int,
-                 scales: str = "rtn") -> str:
+def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool,
+                 shard_size: int, *, scales: str = "rtn", calibration: str | None = None) -> str:
     import hashlib
     import json
 
@@ -236,10 +238,13 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, w
     }
     if scales != "rtn":  # absent for rtn, so outputs of earlier versions still resume
         doc["scales"] = scales
+    if calibration is not None:
+        doc["calibration"] = calibration  # sha256 of the calibration token ids
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
-def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *, progress: bool,
+def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *,
+                  progress: bool, config: dict, data=None, log: Callable[[str], None] = print,
                   scales: str = "rtn", channel_weights: ChannelWeights | None = None) -> None:
     todo = []
     for shard in plan.shards:
@@ -247,8 +252,53 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
             report.skipped_shards.append(shard.filename)
         else:
             todo.append(shard)
+    input_scales = None
+    if data is not None and todo and not plan.weight_only:
+        input_scales = _calibrated_input_scales(source, plan, config, data, output, progress=progress, log=log)
     pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress,
-                 scales=scales, channel_weights=channel_weights)
+                 input_scales=input_scales, scales=scales, channel_weights=channel_weights)
+
+
+def _calibration_data(source: Source, dataset: str, *, samples: int, seq_len: int, column: str | None,
+                      split: str | None, endpoint: str | None, token: str | None):
+    from .calibration.data import load_calibration_data, load_tokenizer
+    from .calibration.layers import build_skeleton
+
+    build_skeleton(source.read_json("config.json"), dtype=torch.bfloat16, where=source.description)  # fail early
+    tokenizer = load_tokenizer(source, where=source.description)
+    return load_calibration_data(dataset, tokenizer=tokenizer, samples=samples, seq_len=seq_len, column=column,
+                                 split=split, endpoint=endpoint, token=token)
+
+
+def calibration_info(data) -> dict:
+    """What the model card says about calibration."""
+    return {"dataset": data.dataset, "split": data.split, "column": data.column, "samples": data.samples,
+            "seq_len": data.seq_len, "method": calibration.METHOD}
+
+
+def _calibrated_input_scales(source: Source, plan: Plan, config: dict, data, output: OutputDir, *, progress: bool,
+                             log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    from .calibration.collect import collect_statistics, stats_summary
+    from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
+
+    stats = collect_statistics(source=source, plan=plan, config=config, data=data,
+                               state_dir=output.path / STATE_DIR / "calibration", state_key=output.fingerprint,
+                               progress=progress, log=log)
+    amax, unreached = calibrated_amax(plan, stats)
+    log(f"calibration: {stats_summary(stats)}")
+    experts = [m for m in unreached if EXPERT_MODULE.match(m)]
+    others = [m for m in unreached if not EXPERT_MODULE.match(m)]
+    if experts:
+        log(f"calibration: {len(experts)} MoE experts got no token; they share their layer's maximum "
+            f"(as ModelOpt does), e.g. {experts[0]}")
+    if others:
+        log(f"warning: calibration never reached {len(others)} quantized Linears (input_scale from max|x| = 6), "
+            f"e.g. {others[0]}")
+    over = saturation_report(amax)
+    if over:
+        log(f"calibration: {len(over)} Linear inputs exceed 2688, which input_scale = 1.0 would saturate; "
+            f"largest {over[0]}")
+    return input_scales(amax)
 
 
 def _copied_files(source: Source) -> list[str]:
@@ -287,4 +337,5 @@ def _write_final_files(config: dict, plan: Plan, out: Path) -> None:
     write_json_atomic(out / "hf_quant_config.json",
                       hf_quant_config(exclude_modules=plan.exclude_modules, weight_only=plan.weight_only), indent=4)
     write_json_atomic(out / "config.json",
-                      quantized_model_config(config, exclude_modules=plan.exclude_modules, weight_only=plan.weight_only))
+                      quantized_model_config(config, exclude_modules=plan.exclude_modules,
+                                             weight_only=plan.weight_only))

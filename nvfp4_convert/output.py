@@ -176,7 +176,8 @@ class OutputDir:
                        "is complete" + (" (the other entries are kept)" if held else ""))
             else:
                 what = f"{_names(held)} that no conversion wrote"
-                fix = "Use an empty or new folder, or pass --overwrite to write the checkpoint next to them (they are kept)"
+                fix = ("Use an empty or new folder, or pass --overwrite to write the checkpoint next to them "
+                       "(they are kept)")
             raise self._refuse(ConvertError(f"the output folder holds {what}", where=str(self.root), fix=fix))
         in_the_way = sorted(f for f in foreign if f in self.files or f.endswith(WEIGHT_SUFFIXES))
         if in_the_way:
@@ -310,3 +311,13 @@ def read_conversion_info(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return state.get("info") if isinstance(state, dict) and state.get("complete") else None
+
+
+def conversion_files(path: Path) -> list[str]:
+    """Every file a finished conversion in ``path`` wrote (relative POSIX paths), or [] if there is none."""
+    try:
+        state = json.loads((Path(path) / STATE_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return []
+    files = state.get("files") if isinstance(state, dict) and state.get("complete") else None
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []

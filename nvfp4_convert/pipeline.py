@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 
 from .errors import ConvertError
 from .fp8 import check_scale_values, dequantize
-from .kernels import Backend
 from .importance import ChannelWeights
-from .kernels.common import global_scale
+from .kernels import Backend, reference, search
+from .kernels.common import global_scale, is_dust
 from .output import OutputDir
 from .plan import OutputShard, Plan, Unit
 from .safetensors_io import ShardWriter, map_tensor
@@ -52,8 +52,11 @@ def unit_bytes(unit: Unit, plan: Plan) -> int:
 
 
 def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputShard], backend: Backend,
-        progress: bool = True, scales: str = "rtn", channel_weights: ChannelWeights | None = None) -> None:
+        progress: bool = True, input_scales: dict[str, torch.Tensor] | None = None, scales: str = "rtn",
+        channel_weights: ChannelWeights | None = None) -> None:
     """Produce ``shards`` (the plan's unfinished output shards) into ``output``.
+
+    ``input_scales`` are calibrated per-module values; without them every ``input_scale`` is 1.0.
 
     With ``scales`` ``"mse"`` or ``"mse-weighted"`` block scales come from ``backend.search``; the weighted
     search asks ``channel_weights`` for each module's weights. Those may read other source tensors (a
@@ -119,7 +122,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
             loaded = future.result()
             submit_ahead(may_acquire=False)  # keep the reader busy while this unit is computed
             _process(unit, plan, loaded, {s: acquired[s] for s in unit_sources[pos]}, writer, writes, backend,
-                     scales, weighted)
+                     input_scales or {}, scales, weighted)
             del loaded
             in_flight -= sizes[pos]
             bar.update(sizes[pos])
@@ -270,7 +273,8 @@ def _sources(unit: Unit, plan: Plan, weights: ChannelWeights | None) -> frozense
 
 
 def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
-             writes: _Writes, backend: Backend, scales: str = "rtn", weighted: ChannelWeights | None = None) -> None:
+             writes: _Writes, backend: Backend, input_scales: dict[str, torch.Tensor], scales: str = "rtn",
+             weighted: ChannelWeights | None = None) -> None:
     if unit.kept:
         if loaded is not None or unit.kept not in plan.fp8:
             data = loaded.tensors[unit.kept] if loaded is not None else _map(unit.kept, plan, paths)
@@ -289,6 +293,9 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
                                fix="Fix the source weights, or --exclude this module to keep it unquantized")
         group_amax = torch.maximum(group_amax, amax)
     ws2 = global_scale(group_amax).reshape(())
+    dust = is_dust(group_amax)
+    quantize = _quantize_dust if dust else backend.quantize
+    searched = search.quantize if dust or backend.search is None else backend.search
     for module in unit.modules:
         k = plan.tensors[f"{module}.weight"].info.shape[1]
         h = None
@@ -296,12 +303,19 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
             h = weighted.weights(module, lambda name: _rows(name, plan, paths, None))
         for start, w in _rows(f"{module}.weight", plan, paths, loaded):
             if scales == "rtn":
-                packed, block_scales = backend.quantize(w, ws2)
+                packed, block_scales = quantize(w, ws2)
             else:
-                packed, block_scales = backend.search(w, group_amax, h)
+                packed, block_scales = searched(w.cpu(), group_amax, h)
             writes.submit(writer.write, f"{module}.weight", packed, start * (k // 2), nbytes=packed.numel())
             writes.submit(writer.write, f"{module}.weight_scale", block_scales, start * (k // 16),
                           nbytes=block_scales.numel())
         writes.submit(writer.write, f"{module}.weight_scale_2", ws2, nbytes=4)
         if not plan.weight_only:
-            writes.submit(writer.write, f"{module}.input_scale", _ONE, nbytes=4)
+            writes.submit(writer.write, f"{module}.input_scale", input_scales.get(module, _ONE), nbytes=4)
+
+
+def _quantize_dust(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denormal dust goes through the reference on the CPU, whatever the backend: its divisors are
+    subnormal, where reciprocal-based and flush-to-zero arithmetic differ, so this is what gives the
+    same bytes on every backend."""
+    return reference.quantize(weight.cpu(), ws2.cpu())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .constants import BLOCK, quantized_tensors
 from .errors import ConvertError
 from .exclusions import exclude_list, mtp_prefixes, vllm_forms
 from .fp8 import DROPPED_SUFFIXES, Fp8Weight, fp8_weights, source_flavour
@@ -16,7 +17,6 @@ from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
 from .sources.base import ShardHeader, TensorInfo
 
-BLOCK = 16
 _QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
                        ".qweight", ".qzeros", ".scales", ".weight_global_scale", ".SCB")
 EXPERT_MODULE = re.compile(r"^(?P<layer>.*\.experts)\.\d+\.(?P<leaf>[^.]+)$")  # a MoE expert's Linear
@@ -101,18 +101,11 @@ def _module(name: str) -> str | None:
 
 
 def _outputs(module: str, info: TensorInfo, weight_only: bool) -> tuple[OutTensor, ...]:
-    n, k = info.shape
-    outs = [
-        OutTensor(f"{module}.weight", "U8", (n, k // 2)),
-        OutTensor(f"{module}.weight_scale", "F8_E4M3", (n, k // BLOCK)),
-        OutTensor(f"{module}.weight_scale_2", "F32", ()),
-    ]
-    if not weight_only:
-        outs.append(OutTensor(f"{module}.input_scale", "F32", ()))
-    return tuple(outs)
+    return tuple(OutTensor(*spec) for spec in quantized_tensors(module, info.shape, weight_only=weight_only))
 
 
-def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *, where: str) -> dict[str, SourceTensor]:
+def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *,
+                    where: str) -> dict[str, SourceTensor]:
     """Every source tensor in streaming order (shard, then position), checked against the index."""
     tensors: dict[str, SourceTensor] = {}
     for shard in sorted(headers):
@@ -124,7 +117,8 @@ def collect_tensors(headers: dict[str, ShardHeader], weight_map: dict[str, str] 
     for name, shard in (weight_map or {}).items():
         if name not in tensors or tensors[name].shard != shard:
             raise ConvertError(f"the index puts {name!r} in {shard}, but that shard does not hold it",
-                               where=f"{where}/model.safetensors.index.json", fix="Re-export or re-download the checkpoint")
+                               where=f"{where}/model.safetensors.index.json",
+                               fix="Re-export or re-download the checkpoint")
     return tensors
 
 
@@ -166,17 +160,28 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     kept_reasons: dict[str, str] = {}
 
     linear_like = {m: t for n, t in tensors_out.items() if (m := _module(n)) and len(t.info.shape) >= 2}
+    warnings += _fused_expert_warnings(tensors_out)
     candidates: dict[str, SourceTensor] = {}
+    conv1d: list[str] = []
     for module, t in linear_like.items():
         if not recipe.matches("quantize", module) or recipe.matches("exclude", module):
             kept_reasons[module] = "excluded by recipe"
+        elif recipe.matches("conv1d", module):
+            kept_reasons[module] = "Hugging Face Conv1D weight, stored [in, out]"
+            conv1d.append(module)
         elif len(t.info.shape) != 2 or t.info.dtype not in FLOAT_DTYPES and t.name not in fp8:
             kept_reasons[module] = f"not a 2-D float weight ({t.info.dtype}{list(t.info.shape)})"
         elif t.info.shape[1] % BLOCK:
             kept_reasons[module] = f"in_features {t.info.shape[1]} is not a multiple of 16"
-            warnings.append(f"{module}: in_features {t.info.shape[1]} is not a multiple of 16; kept in {t.info.dtype}")
+            if not EXPERT_MODULE.match(module):  # experts: one warning for their whole layer, below
+                warnings.append(f"{module}: {kept_reasons[module]}; kept in {t.info.dtype}")
         else:
             candidates[module] = t
+    if conv1d:
+        dtype = linear_like[conv1d[0]].info.dtype
+        warnings.append(f"{len(conv1d)} Hugging Face Conv1D weights (e.g. {conv1d[0]}) stay {dtype}: they are stored "
+                        "[in, out] and engines transpose them at load, so NVFP4 blocks cannot run along their input "
+                        "dimension here")
 
     groups = fusion_groups(linear_like, recipe)
     for group in groups:  # a fused group is quantized whole or not at all
@@ -191,7 +196,12 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     units: list[Unit] = []
     emitted: set[str] = set()
     def shards_of(names) -> frozenset[str]:
-        return frozenset(tensors[r].shard for n in names for r in ([n, fp8[n].scale] if n in fp8 else [n]))
+        shards = set()
+        for n in names:
+            shards.add(tensors[n].shard)
+            if n in fp8:
+                shards.add(tensors[fp8[n].scale].shard)
+        return frozenset(shards)
 
     for name, t in tensors_out.items():
         module = _module(name)
@@ -207,8 +217,9 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
             dtype = "BF16" if name in fp8 else t.info.dtype
             units.append(Unit(kept=name, outputs=(OutTensor(name, dtype, t.info.shape),), sources=shards_of([name])))
 
-    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe)
-    for entry, clash in substring_clashes(exclude, engine_names(quantized, groups, recipe)).items():
+    served = engine_names(quantized, groups, recipe)
+    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe, served)
+    for entry, clash in substring_clashes(exclude, served).items():
         warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
                 shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
@@ -237,6 +248,19 @@ def fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[
     for m in parent:
         clusters.setdefault(find(m), []).append(m)
     return [tuple(sorted(c)) for c in clusters.values() if len(c) > 1]
+
+
+FUSED_EXPERTS = re.compile(r"\.experts\.[^.]+$")  # transformers 5's stacked experts, e.g. mlp.experts.gate_up_proj
+
+
+def _fused_expert_warnings(tensors: dict[str, SourceTensor]) -> list[str]:
+    """Stacked 3-D expert weights (``experts.gate_up_proj [E, 2I, H]``) are not quantized: say so."""
+    fused = [t for n, t in tensors.items() if len(t.info.shape) == 3 and FUSED_EXPERTS.search(n)]
+    if not fused:
+        return []
+    dtypes = "/".join(sorted({t.info.dtype for t in fused}))
+    return [f"{len(fused)} fused 3-D expert tensors (e.g. {fused[0].name} {list(fused[0].info.shape)}) are not "
+            f"quantized and stay {dtypes}; save the model with one Linear per expert to quantize its experts"]
 
 
 def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> None:
@@ -294,7 +318,7 @@ def substring_clashes(entries: list[str], names: list[str]) -> dict[str, str]:
     return clashes
 
 
-def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe) -> list[str]:
+def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe, served: list[str]) -> list[str]:
     """``exclude_modules`` as ModelOpt writes it (see :mod:`.exclusions`), fused aliases of kept groups included."""
     names = [m for m in linear_like if m not in quantized]
     if "lm_head.weight" not in tensors:
@@ -305,7 +329,7 @@ def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Re
             head = group[0].rpartition(".")[0]
             leaves = {m.rpartition(".")[2] for m in group}
             names.extend(f"{head}.{alias}" for members, alias in aliases.items() if leaves <= members)
-    return exclude_list(names, engine_names(quantized, groups, recipe), mtp_prefixes(config, linear_like))
+    return exclude_list(names, served, mtp_prefixes(config, linear_like))
 
 
 def _layout_shards(units: list[Unit], max_shard_size: int) -> list[OutputShard]:

@@ -1,14 +1,42 @@
-"""Human-readable plan tables and end-of-run summaries."""
+"""What a conversion did (:class:`Report`), and its plan tables and end-of-run summaries as text."""
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .converter import Report
-from .plan import Plan
+from .configs import quant_algo
+
+if TYPE_CHECKING:
+    from .plan import Plan
+    from .recipes import Recipe
 
 _INDEX = re.compile(r"\.\d+\.")
+
+
+@dataclass
+class Report:
+    """What a conversion did (or, with ``dry_run``, would do)."""
+
+    source: str
+    output: Path
+    plan: Plan
+    recipe: Recipe
+    backend: str = ""
+    backend_reason: str = ""
+    scales: str = "rtn"  # how block scales were chosen (rtn, mse, mse-weighted)
+    activation_policy: str = ""
+    seconds: float = 0.0
+    skipped_shards: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    calibration: dict | None = None  # dataset, samples, seq_len, method (None: data-free)
+
+    @property
+    def quant_algo(self) -> str:
+        return quant_algo(self.plan.weight_only)
 
 
 def human_bytes(n: float) -> str:

@@ -42,7 +42,8 @@ def recompute_check(src: Path, out: Path, *, weight_only: bool = False) -> dict:
         with safe_open(out / shard, "pt") as f:
             assert name in f.keys()
     quantized = sorted(k[: -len(".weight_scale")] for k in result if k.endswith(".weight_scale"))
-    partners = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu", "w1": "gu", "w3": "gu"}
+    partners = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu", "up_proj": "gu", "w1": "gu",
+                "w3": "gu"}
     groups: dict[tuple, list[str]] = {}
     for m in quantized:
         parent, _, leaf = m.rpartition(".")

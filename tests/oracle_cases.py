@@ -7,7 +7,7 @@ subnormals, and tensors with tiny and huge global scales. All-zero tensors are l
 
 Run as a script on a GPU machine to save ModelOpt's CUDA results for ``tests/test_gpu.py``::
 
-    python tests/oracle_cases.py OUT.pt
+    python tests/oracle_cases.py OUT.pt [DEVICE]
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ BOUNDARIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 def _ties(g: torch.Generator, rows: int, nblk: int, dtype: torch.dtype) -> torch.Tensor:
     # amax = 2688 * 2^e makes weight_scale_2 exactly 2^e (both arithmetics); a block of amax 6 * 2^(k+e) has
     # scale 2^k, so its elements divide exactly to the E2M1 boundaries they were built from
-    e = int(torch.randint(-6, 4, (), generator=g)) if dtype == torch.float16 else int(torch.randint(-40, 40, (), generator=g))
+    low, high = (-6, 4) if dtype == torch.float16 else (-40, 40)
+    e = int(torch.randint(low, high, (), generator=g))
     k = torch.randint(-6 if dtype == torch.float16 else -9, 1, (rows, nblk, 1), generator=g).double()
     picks = torch.tensor((*BOUNDARIES, 0.0, 0.5, 1.0, 6.0), dtype=torch.float64)
     idx = torch.randint(0, len(picks), (rows, nblk, BLOCK), generator=g)
@@ -58,7 +59,8 @@ def _case(i: int) -> tuple[str, torch.Tensor]:
         w.view(-1)[0] = 1.0
     elif kind == "tiny-blocks":  # block scales below 2^-9 (clamped) and among the E4M3 subnormals
         blocks = w.view(rows, nblk, BLOCK)
-        blocks *= 10.0 ** torch.empty(rows, nblk, 1, dtype=torch.float64).uniform_(-7 if not fp16 else -4, 0, generator=g)
+        exponents = torch.empty(rows, nblk, 1, dtype=torch.float64).uniform_(-7 if not fp16 else -4, 0, generator=g)
+        blocks *= 10.0**exponents
         w.view(-1)[0] = 1.0
     elif kind == "huge":
         w *= 1e4 if fp16 else 10.0 ** float(torch.empty(()).uniform_(20, 36, generator=g))
@@ -81,10 +83,32 @@ def modelopt_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return qtensor._quantized_data, scales.view(torch.uint8), ws2.float().reshape(())
 
 
+_PARTS = ("packed", "scales", "ws2")
+
+
+def save_results(results: dict, path: str, *, device: str) -> None:
+    """``{name: (packed, scales, ws2)}`` as one safetensors file."""
+    from safetensors.torch import save_file
+
+    flat = {f"{name}/{part}": t.contiguous() for name, ts in results.items() for part, t in zip(_PARTS, ts)}
+    save_file(flat, path, metadata={"device": device, "torch": str(torch.__version__)})
+
+
+def load_results(path: str) -> dict:
+    """Inverse of :func:`save_results`."""
+    from safetensors.torch import load_file
+
+    flat = load_file(path)
+    names = {key.rpartition("/")[0] for key in flat}
+    return {name: tuple(flat[f"{name}/{part}"] for part in _PARTS) for name in names}
+
+
 if __name__ == "__main__":
+    device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
     results = {}
     for name, w in cases():
-        packed, scales, ws2 = modelopt_quantize(w.cuda())
+        packed, scales, ws2 = modelopt_quantize(w.to(device))
         results[name] = (packed.cpu(), scales.cpu(), ws2.cpu())
-    torch.save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, sys.argv[1])
-    print(f"saved ModelOpt CUDA results for {len(results)} tensors to {sys.argv[1]}")
+    where = torch.cuda.get_device_name() if device == "cuda" else device
+    save_results(results, sys.argv[1], device=where)
+    print(f"saved ModelOpt results ({where}, torch {torch.__version__}) for {len(results)} tensors to {sys.argv[1]}")

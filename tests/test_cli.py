@@ -12,9 +12,11 @@ runner = CliRunner()
 
 
 def test_shorthand_and_options_reach_convert(tmp_path):
-    with mock.patch("nvfp4_convert.convert") as convert, mock.patch("nvfp4_convert.report.format_summary", return_value="ok"):
+    with mock.patch("nvfp4_convert.convert") as convert, mock.patch("nvfp4_convert.report.format_summary",
+                                                                    return_value="ok"):
         try:
-            cli.main(["org/model", str(tmp_path), "--revision", "v1", "--exclude", "*self_attn*", "--exclude", "lm_head",
+            cli.main(["org/model", str(tmp_path), "--revision", "v1", "--exclude", "*self_attn*", "--exclude",
+                      "lm_head",
                       "--weight-only", "--max-shard-size", "2GB", "--threads", "3", "--exact"])
         except SystemExit as exc:
             assert exc.code in (0, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,14 @@ from nvfp4_convert import ConvertError, convert
 from nvfp4_convert.output import STATE_DIR
 
 FUSED = {
-    "llama": [("model.layers.0.self_attn", ("q_proj", "k_proj", "v_proj")), ("model.layers.1.mlp", ("gate_proj", "up_proj"))],
-    "qwen2_moe": [("model.layers.0.mlp.experts.3", ("gate_proj", "up_proj")), ("model.layers.1.mlp.shared_expert", ("gate_proj", "up_proj"))],
+    "llama": [("model.layers.0.self_attn", ("q_proj", "k_proj", "v_proj")),
+              ("model.layers.1.mlp", ("gate_proj", "up_proj"))],
+    "qwen2_moe": [("model.layers.0.mlp.experts.3", ("gate_proj", "up_proj")),
+                  ("model.layers.1.mlp.shared_expert", ("gate_proj", "up_proj"))],
     "qwen3_moe": [("model.layers.1.mlp.experts.0", ("gate_proj", "up_proj"))],
     "mixtral": [("model.layers.1.block_sparse_moe.experts.2", ("w1", "w3"))],
-    "deepseek_v3": [("model.layers.0.mlp", ("gate_proj", "up_proj")), ("model.layers.2.mlp.experts.1", ("gate_proj", "up_proj"))],
+    "deepseek_v3": [("model.layers.0.mlp", ("gate_proj", "up_proj")),
+                    ("model.layers.2.mlp.experts.1", ("gate_proj", "up_proj"))],
 }
 
 
@@ -52,7 +56,8 @@ def test_layout_dtypes_and_configs(tiny, tmp_path):
                          "exclude_modules": ["lm_head", "model.embed_tokens"]},
     }
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4" and qc["ignore"] == ["lm_head", "model.embed_tokens"]
+    assert qc["quant_method"] == "modelopt" and qc["quant_algo"] == "NVFP4"
+    assert qc["ignore"] == ["lm_head", "model.embed_tokens"]
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 16
     assert "input_activations" in qc["config_groups"]["group_0"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -92,7 +97,8 @@ def test_dry_run_writes_nothing(tiny, tmp_path):
 def test_exclude_keeps_whole_fused_group(tiny, tmp_path):
     out = tmp_path / "out"
     lines = []
-    report = convert(str(tiny("llama")), out, excludes=["model.layers.0.self_attn.k_proj"], progress=False, log=lines.append)
+    report = convert(str(tiny("llama")), out, excludes=["model.layers.0.self_attn.k_proj"], progress=False,
+                     log=lines.append)
     tensors = load_all(out)
     for leaf in ("q_proj", "k_proj", "v_proj"):
         assert tensors[f"model.layers.0.self_attn.{leaf}.weight"].dtype == torch.bfloat16
@@ -110,8 +116,8 @@ def test_partial_expert_exclusion_keeps_the_layer(tiny, tmp_path):
     assert report.plan.exclude_modules == ["lm_head", "model.embed_tokens", "model.layers.0.block_sparse_moe*",
                                            "model.layers.1.block_sparse_moe*"]  # router and every expert projection
     for layer in (0, 1):
-        assert any(line.startswith(f"warning: model.layers.{layer}.block_sparse_moe.experts: ") and "experts.1.w2" in line
-                   for line in lines)
+        prefix = f"warning: model.layers.{layer}.block_sparse_moe.experts: "
+        assert any(line.startswith(prefix) and "experts.1.w2" in line for line in lines)
     assert not any(".experts." in m for m in report.plan.quantized)
 
 
@@ -144,7 +150,8 @@ def test_k_not_multiple_of_16_is_kept_with_warning(tmp_path):
 
 
 def test_all_zero_weight_and_single_file_source(tmp_path):
-    src = _write_checkpoint(tmp_path / "src", {"model.layers.0.mlp.down_proj.weight": torch.zeros(16, 32, dtype=torch.bfloat16)})
+    src = _write_checkpoint(tmp_path / "src",
+                            {"model.layers.0.mlp.down_proj.weight": torch.zeros(16, 32, dtype=torch.bfloat16)})
     convert(str(src), tmp_path / "out", progress=False)
     t = load_all(tmp_path / "out")
     assert t["model.layers.0.mlp.down_proj.weight"].eq(0).all()
@@ -170,11 +177,92 @@ def test_state_is_hidden_and_complete(tiny, tmp_path):
 
 def test_cache_snapshot_of_links_converts(tiny, tmp_path):
     """A Hugging Face cache snapshot holds links to blobs outside the folder; it is a valid source."""
-    src, blobs, snapshot = tiny("llama"), tmp_path / "blobs", tmp_path / "snapshot"
-    blobs.mkdir()
-    snapshot.mkdir()
-    for f in src.iterdir():
-        (blobs / f.name).write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(blobs / f.name)
+    src = tiny("llama")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        (blobs / f"blob{i}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
     convert(str(snapshot), tmp_path / "out", progress=False)
+    recompute_check(src, tmp_path / "out")
+
+
+def test_links_leaving_the_source_folder(tiny, tmp_path):
+    """Weight shards may link anywhere; files copied into the output only inside the folder."""
+    src, elsewhere, folder = tiny("llama"), tmp_path / "elsewhere", tmp_path / "src"
+    elsewhere.mkdir()
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            (elsewhere / f.name).write_bytes(f.read_bytes())
+            (folder / f.name).symlink_to(elsewhere / f.name)
+        else:
+            (folder / "real").mkdir(exist_ok=True)
+            (folder / "real" / f.name).write_bytes(f.read_bytes())
+            (folder / f.name).symlink_to(Path("real") / f.name)  # a link inside the folder is fine
+    convert(str(folder), tmp_path / "out", progress=False)
+    recompute_check(src, tmp_path / "out")
+    (elsewhere / "secret").write_text("private")
+    (folder / "tokenizer.json").symlink_to(elsewhere / "secret")
+    with pytest.raises(ConvertError, match="tokenizer.json is a link to .*secret, outside the checkpoint"):
+        convert(str(folder), tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def _reciprocal_arithmetic(w, ws2):
+    """An approximate backend's arithmetic (products with reciprocals, as FlashInfer's kernels do):
+    within tolerance on ordinary weights, garbage where the divisors are subnormal."""
+    from nvfp4_convert.kernels.reference import cast_e2m1
+
+    rows, k = w.shape
+    blocks = w.float().view(rows, -1, 16)
+    s = blocks.abs().amax(-1) * torch.reciprocal(ws2 * 6.0)
+    s = torch.where(s == 0, torch.ones_like(s), s).clamp(2**-9, 448).to(torch.float8_e4m3fn)
+    codes = cast_e2m1((blocks * torch.reciprocal(s.float() * ws2).unsqueeze(-1)).view(rows, k))
+    return (codes[:, 1::2] << 4) | codes[:, 0::2], s
+
+
+@pytest.mark.parametrize("amax", [1e-45, 1e-44, 1e-40, 2e-38, 1e-36, 3e-35])
+def test_denormal_dust_gives_a_valid_checkpoint_with_the_same_bytes_on_every_backend(tmp_path, amax, monkeypatch):
+    """A finite tensor whose max|W| is so small that amax/2688 is subnormal or 0 still gets a normal
+    global scale (its floor, 2^-126) and the same bytes whatever the backend, and verify accepts it."""
+    from nvfp4_convert import kernels
+    from nvfp4_convert.kernels.common import GLOBAL_SCALE_MIN
+    from nvfp4_convert.verify import verify
+
+    monkeypatch.setitem(kernels._REGISTRY, "approx", kernels.Backend(
+        name="approx", quantize=_reciprocal_arithmetic, amax=kernels.reference.amax, exact=False, device="cpu"))
+    g = torch.Generator().manual_seed(1)
+    tensors = {"model.layers.0.mlp.down_proj.weight": (torch.rand(32, 64, generator=g) * 2 - 1) * amax,
+               "model.layers.0.mlp.up_proj.weight": (torch.randn(32, 64, generator=g) * amax).to(torch.bfloat16)}
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = amax
+    src = _write_checkpoint(tmp_path / "src", tensors)
+    outputs = []
+    for backend in ("reference", "cpu", "approx"):
+        out = tmp_path / backend
+        convert(str(src), out, backend=backend, progress=False)
+        report = verify(out, source=str(src), progress=False)
+        assert report.ok, [v.line() for v in report.violations]
+        ws2 = load_all(out)["model.layers.0.mlp.down_proj.weight_scale_2"].item()
+        assert ws2 == max(GLOBAL_SCALE_MIN, torch.tensor(amax).item() * INV)
+        outputs.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+INV = float.fromhex("0x1.861862p-12")
+
+
+def test_fused_3d_experts_are_kept_with_a_warning(tmp_path):
+    src = _write_checkpoint(tmp_path / "src", {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 64, 32, dtype=torch.bfloat16),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(4, 32, 32, dtype=torch.bfloat16),
+        "model.layers.0.mlp.gate.weight": torch.randn(4, 32, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(32, 32, dtype=torch.bfloat16),
+    })
+    lines = []
+    convert(str(src), tmp_path / "out", progress=False, log=lines.append)
+    warned = [line for line in lines if "fused 3-D expert tensors" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: 2 fused 3-D expert tensors") and "BF16" in warned[0]
     recompute_check(src, tmp_path / "out")

@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
-from checks import load_all, recompute_check
 from safetensors.torch import save_file
+
+from checks import load_all, recompute_check
+from nvfp4_convert import ConvertError, convert
 from test_resume import snapshot
 from tiny_models import _load, _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
-
-from nvfp4_convert import ConvertError, convert
 
 
 def _in_layers_not_router(name: str) -> bool:
@@ -39,7 +39,8 @@ def expected_source(fp8_src, dst, block):
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
             continue
-        out[name] = dequantize_by_blocks(t, tensors[f"{name}_scale_inv"], block) if t.dtype == torch.float8_e4m3fn else t
+        fp8 = t.dtype == torch.float8_e4m3fn
+        out[name] = dequantize_by_blocks(t, tensors[f"{name}_scale_inv"], block) if fp8 else t
     config = json.loads((fp8_src / "config.json").read_text())
     del config["quantization_config"]
     _save_sharded(dst, out, config, 10**9)
@@ -177,7 +178,8 @@ def test_non_finite_scale_is_refused(tmp_path, bad):
 
 
 @pytest.mark.parametrize("qc, match", [
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, r"compressed-tensors sources \(float-quantized\)"),
+    ({"quant_method": "compressed-tensors", "format": "float-quantized"},
+     r"compressed-tensors sources \(float-quantized\)"),
     ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "already quantized .quant_method=modelopt, quant_algo=NVFP4"),
     ({"quant_method": "fp8", "fmt": "e5m2"}, "FP8 format 'e5m2'"),
     ({"quant_method": "gptq"}, "already quantized .quant_method=gptq"),
@@ -199,3 +201,32 @@ def test_fp8_weight_without_fp8_config_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="already quantized"):
         convert(str(folder), tmp_path / "out", progress=False)
     shutil.rmtree(folder)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fp8_dequantized_on_the_gpu_equals_cpu(tmp_path, monkeypatch, chunked):
+    """FP8 weights go to the GPU as FP8 and are dequantized there: same bytes as on the CPU."""
+    from nvfp4_convert import pipeline
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(512, 256, generator=gen).to(torch.bfloat16)}
+    for i in range(2):
+        for name, shape in {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (64, 256),
+                            "self_attn.v_proj": (64, 256), "self_attn.o_proj": (256, 256), "mlp.gate_proj": (704, 256),
+                            "mlp.up_proj": (704, 256), "mlp.down_proj": (256, 704)}.items():
+            w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen) * 0.05
+            key = f"model.layers.{i}.{name}.weight"
+            tensors[key], tensors[f"{key}_scale_inv"] = fp8_quantize(w.to(torch.bfloat16), (128, 128))
+    config = {"model_type": "llama", "num_hidden_layers": 2,
+              "quantization_config": {**BLOCK_QC, "weight_block_size": [128, 128]}}
+    _save_sharded(tmp_path / "src", tensors, config, 300_000)
+    src = str(tmp_path / "src")
+    convert(src, tmp_path / "cpu", backend="reference", max_shard_size="300KB", progress=False)
+    if chunked:  # nothing held whole: row chunks dequantized one at a time, on the host
+        monkeypatch.setattr(pipeline, "BUDGET_LARGEST", 0)
+        monkeypatch.setattr(pipeline, "MIN_BUDGET_BYTES", 0)
+    report = convert(src, tmp_path / "gpu", backend="triton", max_shard_size="300KB", progress=False)
+    assert report.backend == "triton"
+    assert snapshot(tmp_path / "gpu") == snapshot(tmp_path / "cpu")

@@ -70,6 +70,20 @@ def test_triton_amax_and_global_scale(dtype):
     assert ws2.item() == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("amax", [1e-45, 1e-44, 1e-40, 2e-38, 1e-36, 3e-35])
+def test_triton_denormal_dust_matches_reference(dtype, amax):
+    """Tensors whose global scale is floored at 2^-126: the same global scale and bytes as the reference."""
+    g = torch.Generator().manual_seed(5)
+    w = ((torch.rand(64, 256, generator=g) * 2 - 1) * amax).to(dtype)
+    ws2 = global_scale(reference.amax(w))
+    want = reference.quantize(w, ws2)
+    _assert_same(triton_kernel.quantize(w.cuda(), ws2), want)
+    packed, scales, got_ws2 = triton_kernel.quantize_device(w.cuda())
+    assert got_ws2.item() == ws2.item()
+    _assert_same((packed, scales), want)
+
+
 def test_triton_kernel_variants_agree_on_many_values(monkeypatch):
     """Packed compares vs FMA-corrected reciprocal vs tl.div_rn, hardware vs software E4M3 rounding, one
     program per SM (long persistent loops): the same bytes on 64M values."""
@@ -79,13 +93,15 @@ def test_triton_kernel_variants_agree_on_many_values(monkeypatch):
     w = w.to(torch.bfloat16)
     outs = []
     division = {"simd16": False}
-    for variant in ({}, {**division, "exact_div": True}, {**division, "hw_fp8": False}, division, {"programs_per_sm": 1}):
+    for variant in ({}, {**division, "exact_div": True}, {**division, "hw_fp8": False}, division,
+                    {"programs_per_sm": 1}):
         with monkeypatch.context() as m:
             for key, value in variant.items():
                 m.setitem(triton_kernel.CONFIG, key, value)
             outs.append(triton_kernel.quantize_device(w, ws2=torch.ones((), device="cuda")))
     for other in outs[1:]:
-        assert torch.equal(outs[0][0], other[0]) and torch.equal(outs[0][1].view(torch.uint8), other[1].view(torch.uint8))
+        assert torch.equal(outs[0][0], other[0])
+        assert torch.equal(outs[0][1].view(torch.uint8), other[1].view(torch.uint8))
     rows = slice(0, 8192, 61)  # spot-check against the reference
     _assert_same((outs[0][0][rows], outs[0][1][rows]), reference.quantize(w[rows].cpu(), outs[0][2].cpu()))
 
@@ -107,7 +123,8 @@ def test_triton_every_finite_bit_pattern(dtype, ws2, triton_path):
     values = values[: values.numel() // 256 * 256]
     shuffled = values[torch.randperm(values.numel(), generator=torch.Generator().manual_seed(1))]
     w = torch.cat([values, shuffled]).view(-1, 256)  # neighbours in a block, then blocks of every magnitude
-    packed, scales, got_ws2 = triton_kernel.quantize_device(w.cuda(), ws2=None if ws2 is None else torch.tensor(ws2, device="cuda"))
+    given = None if ws2 is None else torch.tensor(ws2, device="cuda")
+    packed, scales, got_ws2 = triton_kernel.quantize_device(w.cuda(), ws2=given)
     want_ws2 = global_scale(reference.amax(w)) if ws2 is None else torch.tensor(ws2)
     assert got_ws2.item() == want_ws2.item()
     _assert_same((packed, scales), reference.quantize(w, want_ws2))
@@ -117,7 +134,8 @@ def test_triton_strided_rows_and_second_view():
     base = _weight(64, 1024, torch.bfloat16, seed=9)
     view = base.cuda()[:, 256:768]  # rows 1024 apart, K = 512
     ws2 = global_scale(reference.amax(view.cpu()))
-    _assert_same(triton_kernel.quantize_device(view, ws2=ws2.cuda())[:2], reference.quantize(view.cpu().contiguous(), ws2))
+    _assert_same(triton_kernel.quantize_device(view, ws2=ws2.cuda())[:2],
+                 reference.quantize(view.cpu().contiguous(), ws2))
 
 
 def _noop_cuda(w, ws2):
@@ -173,9 +191,11 @@ def test_packing_and_layouts_dequantize_like_flashinfer(layout):
 
 def test_custom_op_fake_and_schema():
     w = _weight(64, 256, torch.bfloat16, seed=13).cuda()
-    torch.library.opcheck(torch.ops.nvfp4_convert.quantize.default, (w, None), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nvfp4_convert.quantize.default, (w, None),
+                          test_utils=("test_schema", "test_faketensor"))
     ws2 = global_scale(reference.amax(w.cpu())).cuda()
-    torch.library.opcheck(torch.ops.nvfp4_convert.quantize.default, (w, ws2), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nvfp4_convert.quantize.default, (w, ws2),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_custom_op_under_torch_compile_fullgraph():
@@ -224,7 +244,8 @@ def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
     gen = torch.Generator().manual_seed(0)
     tensors = {"model.embed_tokens.weight": torch.randn(512, 256, generator=gen).to(torch.bfloat16)}
     for i in range(2):
-        for name, shape in {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (64, 256), "self_attn.v_proj": (64, 256),
+        for name, shape in {"self_attn.q_proj": (256, 256), "self_attn.k_proj": (64, 256),
+                            "self_attn.v_proj": (64, 256),
                             "self_attn.o_proj": (256, 256), "mlp.gate_proj": (704, 256), "mlp.up_proj": (704, 256),
                             "mlp.down_proj": (256, 704)}.items():
             w = torch.randn(*shape, generator=gen) * torch.rand(shape[0], 1, generator=gen) * 0.05
@@ -256,11 +277,11 @@ def _modelopt_cuda_results() -> dict:
     ``python tests/oracle_cases.py FILE`` where ModelOpt is installed and named by ``NVFP4_MODELOPT_CUDA``."""
     import os
 
-    from oracle_cases import cases, modelopt_quantize
+    from oracle_cases import cases, load_results, modelopt_quantize
 
     saved = os.environ.get("NVFP4_MODELOPT_CUDA")
     if saved:
-        return torch.load(saved)["results"]
+        return load_results(saved)
     if importlib.util.find_spec("modelopt") is None:
         pytest.skip("needs nvidia-modelopt here, or NVFP4_MODELOPT_CUDA naming its saved CUDA results")
     return {name: tuple(t.cpu() for t in modelopt_quantize(w.cuda())) for name, w in cases()}
@@ -268,9 +289,8 @@ def _modelopt_cuda_results() -> dict:
 
 def test_every_backend_equals_modelopt_on_cuda():
     """weight_scale_2, block scales and codes of ModelOpt's GPU export, on every exact backend and device."""
-    from oracle_cases import cases
-
     from nvfp4_convert.kernels import cpu
+    from oracle_cases import cases
 
     results = _modelopt_cuda_results()
     ws2_not_quotient = 0

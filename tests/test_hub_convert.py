@@ -6,7 +6,6 @@ from pathlib import Path
 
 from nvfp4_convert import convert
 from nvfp4_convert.sources import hub as hub_module
-
 from test_resume import snapshot
 
 

@@ -43,7 +43,8 @@ def test_128x4_matches_offsets_and_round_trips(n, k):
     scales = _random_scales(n, k)
     swizzled = swizzle_128x4(scales)
     assert swizzled.shape == (_up(n, 128), _up(k, 4)) and swizzled.dtype == torch.float8_e4m3fn
-    assert torch.equal(swizzled.view(torch.uint8).reshape(-1), _by_offsets(scales.view(torch.uint8), _offset_128x4, 128))
+    assert torch.equal(swizzled.view(torch.uint8).reshape(-1),
+                       _by_offsets(scales.view(torch.uint8), _offset_128x4, 128))
     assert torch.equal(unswizzle_128x4(swizzled, rows=n, cols=k).view(torch.uint8), scales.view(torch.uint8))
 
 

@@ -37,7 +37,8 @@ main(sys.argv[1:])
 
 
 def run_cli(args, *, kill=None):
-    code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else "from nvfp4_convert.cli import main; import sys; main(sys.argv[1:])"
+    plain = "from nvfp4_convert.cli import main; import sys; main(sys.argv[1:])"
+    code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else plain
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
 

@@ -100,7 +100,7 @@ def test_fresh_conversion_verifies_clean(converted, kind, with_source):
 
 
 def test_source_shards_are_held_one_at_a_time(converted, monkeypatch):
-    import nvfp4_convert.compare as compare_module
+    import nvfp4_convert.verify.compare as compare_module
 
     held: set[str] = set()
     acquired: list[str] = []
@@ -180,6 +180,16 @@ def test_mismatched_fused_weight_scale_2(llama):
     (line,) = _lines(verify(out, progress=False))
     assert line.startswith("fused modules have different weight_scale_2: ") and "k_proj=0.123" in line
     assert line.endswith("(model.layers.0.self_attn)")
+
+
+@pytest.mark.parametrize("value, why", [(0.0, "expected a positive finite number"),
+                                        (1e-40, "below the smallest normal float32")])
+def test_zero_or_subnormal_weight_scale_2(llama, value, why):
+    _, out = llama
+    down = "model.layers.1.mlp.down_proj"
+    _poke(out, f"{down}.weight_scale_2", struct.pack("<f", value))
+    lines = _lines(verify(out, progress=False))
+    assert any(why in line and f"{down}.weight_scale_2" in line for line in lines), lines
 
 
 def test_missing_input_scale(llama):
@@ -314,7 +324,7 @@ def _total(out: Path, index: dict) -> int:
 
 
 def test_sqnr_outliers_are_flagged():
-    from nvfp4_convert.compare import LayerError, flag_outliers
+    from nvfp4_convert.verify.compare import LayerError, flag_outliers
 
     def layers(*dbs):
         return [LayerError(f"m{i}", (16, 16), db, 0.1, 0) for i, db in enumerate(dbs)]

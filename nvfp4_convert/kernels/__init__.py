@@ -1,15 +1,18 @@
 """Kernel registry: every NVFP4 quantize backend behind one small interface.
 
 A backend quantizes row chunks of a 2-D weight against a given float32 global scale and returns the
-packed codes and linear-layout block scales. ``reference`` is always present; faster ones register
-themselves here and are chosen by :func:`select_backend`.
+packed codes and linear-layout block scales. ``reference`` is always present. The built-in faster ones
+(``cpu``, ``triton``, ``flashinfer-*``) each define ``BACKENDS`` in their module; those modules are
+imported, and their backends registered, the first time the registry is consulted, so importing this
+package loads neither numba nor triton. Other code may :func:`register` backends of its own. The
+converter proves a backend before using it (:func:`.selfcheck.select_proven_backend`).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Iterator
-from typing import Callable
 
 import torch
 
@@ -55,25 +58,38 @@ class Backend:
 
 
 _REGISTRY: dict[str, Backend] = {}
+_BUILTIN_MODULES = ("cpu", "triton_kernel", "flashinfer_backends")
+_builtins_loaded = False
+
+
+def _registry() -> dict[str, Backend]:
+    """The registry, with the built-in backends registered on first use."""
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_MODULES:
+            for backend in importlib.import_module(f".{module}", __name__).BACKENDS:
+                _REGISTRY.setdefault(backend.name, backend)
+    return _REGISTRY
 
 
 def register(backend: Backend) -> Backend:
     """Add (or replace) a backend under its name."""
-    _REGISTRY[backend.name] = backend
+    _registry()[backend.name] = backend
     return backend
 
 
 def backends() -> dict[str, Backend]:
     """All registered backends, by name."""
-    return dict(_REGISTRY)
+    return dict(_registry())
 
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises ``KeyError`` listing the known names."""
     try:
-        return _REGISTRY[name]
+        return _registry()[name]
     except KeyError:
-        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+        raise KeyError(f"unknown backend {name!r}; known: {', '.join(sorted(_registry()))}") from None
 
 
 def explicit_backend(name: str) -> Backend:
@@ -92,42 +108,17 @@ def candidates(device: str | None = None) -> Iterator[tuple[Backend, str | None]
     """
     devices = [device] if device else (["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"])
     for dev in devices:
-        for backend in sorted((b for b in _REGISTRY.values() if b.device == dev), key=lambda b: -b.priority):
+        for backend in sorted((b for b in _registry().values() if b.device == dev), key=lambda b: -b.priority):
             yield backend, backend.available()
 
 
-def select_backend(name: str | None = None, *, device: str | None = None) -> tuple[Backend, str]:
-    """Pick a backend by availability alone and say why (the converter also proves it: see ``selfcheck``).
-
-    Args:
-        name: an explicit choice (``--backend``); must be available.
-        device: restrict automatic choice to ``"cpu"`` or ``"cuda"``.
-
-    Returns:
-        ``(backend, reason)``.
-    """
-    if name is not None:
-        return explicit_backend(name), "chosen with --backend"
-    skipped = []
-    for backend, why_not in candidates(device):
-        if why_not is None:
-            return backend, "fastest available" + (f" (skipped: {'; '.join(skipped)})" if skipped else "")
-        skipped.append(f"{backend.name}: {why_not}")
-    return _REGISTRY["reference"], "fallback"
-
-
-register(
-    Backend(
-        name="reference",
-        quantize=reference.quantize,
-        amax=reference.amax,
-        exact=True,
-        device="cpu",
-        priority=-100,
-        description="pure torch, bit-exact with ModelOpt 0.47; slow but runs anywhere",
-        search=search.quantize,
-    )
+_REGISTRY["reference"] = Backend(
+    name="reference",
+    quantize=reference.quantize,
+    amax=reference.amax,
+    exact=True,
+    device="cpu",
+    priority=-100,
+    description="pure torch, bit-exact with ModelOpt 0.47; slow but runs anywhere",
+    search=search.quantize,
 )
-from . import cpu  # noqa: E402,F401
-from . import triton_kernel  # noqa: E402,F401
-from . import flashinfer_backends  # noqa: E402,F401

@@ -19,186 +19,34 @@ of scratch that stays in cache, in passes simple enough for LLVM to vectorize (t
 ``vdivps``, which is IEEE-exact). The kernels release the GIL, and a small thread pool
 (:func:`set_threads`, default: every CPU this process may use) runs chunks of rows in parallel.
 
-numba is imported on first use, not at package import. When it cannot be imported, :func:`available`
-says why and automatic backend selection falls back to the reference. Compiled code is cached on disk
-(``cache=True``: next to this file, or numba's per-user cache directory when that is read-only); with no
-writable location the kernels are compiled in memory on each run.
+The kernels themselves live in :mod:`.numba_kernels`, imported (with numba) on first use, not at package
+import. When it cannot be imported, :func:`available` says why and automatic backend selection falls back
+to the reference.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from . import Backend, reference, register
-from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, global_scale
+from . import Backend, reference
+from .common import BLOCK, E2M1_MAX
 
-__all__ = ["amax", "available", "quantize", "set_threads", "threads", "warm_up"]
-
-# ---------------------------------------------------------------------------------------------------
-# Kernels. They are plain Python until ``_load`` compiles them and rebinds each name in this module to
-# its numba dispatcher (so kernels that call each other by name call the compiled versions), which keeps
-# numba out of ``import nvfp4_convert``.
-# ---------------------------------------------------------------------------------------------------
-
-_JIT_SPECS: list[tuple[str, dict]] = []
-
-
-def _jit(**options):
-    def mark(fn):
-        _JIT_SPECS.append((fn.__name__, options))
-        return fn
-
-    return mark
-
-
-_F_ZERO = np.float32(0.0)
-_F_ONE = np.float32(1.0)
-_F_SCALE_MIN = np.float32(SCALE_MIN)
-_F_E4M3_MAX = np.float32(E4M3_MAX)
-_F_E4M3_NORMAL_MIN = np.float32(2.0**-6)
-_F_E4M3_SUBNORMAL_STEPS = np.float32(2.0**9)
-_F_E4M3_SUBNORMAL_MIN = np.float32(2.0**-9)  # float8_e4m3fn subnormals are multiples of 2^-9
-# E2M1 rounding boundaries. searchsorted counts the boundaries strictly below |x| and the tie rule adds
-# one at 0.75, 1.75 and 3.5, so code = 7 - #{b : |x| <= b} (even boundaries) - #{b : |x| < b} (odd
-# ones); NaN fails every comparison and gets 7, as searchsorted sorts NaN last.
-_B0 = np.float32(0.25)
-_B1 = np.float32(0.75)
-_B2 = np.float32(1.25)
-_B3 = np.float32(1.75)
-_B4 = np.float32(2.5)
-_B5 = np.float32(3.5)
-_B6 = np.float32(5.0)
-_U_ABS32 = np.uint32(0x7FFFFFFF)
-
-
-@_jit(inline="always")
-def _quantize_row(f, u, packed, scales, ws2, six_ws2, blk, blkf, codes):
-    """One row: ``f`` float32 values and ``u`` the same memory as uint32. Scratch: ``blk``/``blkf``
-    (uint32 and float32 views of one ``[2, K/16]`` buffer) and ``codes`` (a byte per element)."""
-    k = f.shape[0]
-    nb = k // 16
-    am, amf, rn, rnf = blk[0], blkf[0], blk[1], blkf[1]
-    # 1. block amax as the largest sign-cleared bit pattern
-    for b in range(nb):
-        m = np.uint32(0)
-        for i in range(16):
-            m = max(m, u[b * 16 + i] & _U_ABS32)
-        am[b] = m
-    # 2. float32 block scale, 0 -> 1, clamp (comparisons leave NaN as it is, like torch.clamp)
-    for b in range(nb):
-        s = amf[b] / six_ws2
-        if s == _F_ZERO:
-            s = _F_ONE
-        if s < _F_SCALE_MIN:
-            s = _F_SCALE_MIN
-        elif s > _F_E4M3_MAX:
-            s = _F_E4M3_MAX
-        amf[b] = s
-    # 3. round to float8_e4m3fn (half to even) and take the float32 divisor float(scale) * ws2.
-    #    Normal range: round the 23-bit mantissa to 3 bits on the bit pattern (a carry bumps the
-    #    exponent, as it should); the byte is then bits >> 20 with the exponent rebiased from 127 to 7.
-    #    Subnormal range [2^-9, 2^-6): s * 2^9 is exact and rint rounds it half to even to 1..8 (8 being
-    #    0x08, the smallest normal), which is the byte itself. NaN gives 0x7F. Written as selects so
-    #    both loops vectorize.
-    for b in range(nb):
-        bits = am[b]
-        rn[b] = (bits + np.uint32(0x7FFFF) + ((bits >> np.uint32(20)) & np.uint32(1))) & np.uint32(0xFFF00000)
-    for b in range(nb):
-        s = amf[b]
-        steps = np.rint(s * _F_E4M3_SUBNORMAL_STEPS)
-        if s < _F_E4M3_NORMAL_MIN:
-            q = steps * _F_E4M3_SUBNORMAL_MIN
-            sb = np.uint32(steps)
-        else:
-            q = rnf[b]
-            sb = (rn[b] >> np.uint32(20)) - np.uint32(960)
-        if s != s:
-            q = s
-            sb = np.uint32(0x7F)
-        scales[b] = np.uint8(sb)
-        amf[b] = q * ws2
-    # 4. E2M1 code of every element: a correctly rounded division by the block's divisor
-    for b in range(nb):
-        d = amf[b]
-        for i in range(16):
-            x = f[b * 16 + i] / d
-            a = np.abs(x)
-            c = np.int32(7) - (
-                np.int32(a <= _B0)
-                + np.int32(a < _B1)
-                + np.int32(a <= _B2)
-                + np.int32(a < _B3)
-                + np.int32(a <= _B4)
-                + np.int32(a < _B5)
-                + np.int32(a <= _B6)
-            )
-            c += np.int32(8) * np.int32(x < _F_ZERO)
-            codes[b * 16 + i] = np.uint8(c)
-    # 5. pack: as little-endian uint16, pair j is lo | hi << 8 (both < 16); lo | hi << 4 is its byte
-    pairs = codes.view(np.uint16)
-    for j in range(k // 2):
-        p = pairs[j]
-        packed[j] = np.uint8((p | (p >> np.uint16(4))) & np.uint16(0xFF))
-
-
-@_jit()
-def _quantize_f32(w, packed, scales, ws2, six_ws2):
-    """Rows of a float32 ``w``; ``packed``/``scales`` are the matching output rows."""
-    rows, k = w.shape
-    wu = w.view(np.uint32)
-    blk = np.empty((2, k // 16), dtype=np.uint32)
-    blkf = blk.view(np.float32)
-    codes = np.empty(k, dtype=np.uint8)
-    for r in range(rows):
-        _quantize_row(w[r], wu[r], packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
-
-
-@_jit()
-def _quantize_bf16(w, packed, scales, ws2, six_ws2):
-    """Rows of bf16 bit patterns ``w`` (uint16)."""
-    rows, k = w.shape
-    u = np.empty(k, dtype=np.uint32)
-    f = u.view(np.float32)
-    blk = np.empty((2, k // 16), dtype=np.uint32)
-    blkf = blk.view(np.float32)
-    codes = np.empty(k, dtype=np.uint8)
-    for r in range(rows):
-        for i in range(k):
-            u[i] = np.uint32(w[r, i]) << np.uint32(16)  # bf16 is the top half of a float32
-        _quantize_row(f, u, packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
-
-
-@_jit()
-def _quantize_f16(w, packed, scales, ws2, six_ws2, f16_bits):
-    """Rows of fp16 bit patterns ``w`` (uint16), widened through ``f16_bits`` (fp16 bits -> float32
-    bits for all 65536 patterns, made by torch's own conversion; faster here than bit manipulation)."""
-    rows, k = w.shape
-    u = np.empty(k, dtype=np.uint32)
-    f = u.view(np.float32)
-    blk = np.empty((2, k // 16), dtype=np.uint32)
-    blkf = blk.view(np.float32)
-    codes = np.empty(k, dtype=np.uint8)
-    for r in range(rows):
-        for i in range(k):
-            u[i] = f16_bits[w[r, i]]
-        _quantize_row(f, u, packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
-
+__all__ = ["amax", "available", "quantize", "set_threads", "threads"]
 
 # ---------------------------------------------------------------------------------------------------
 # Loading, threads, Python entry points
 # ---------------------------------------------------------------------------------------------------
 
-_NUMBA = None  # the numba module once the kernels are bound
+_KERNELS = None  # the numba_kernels module once imported
 _LOAD_ERROR: str | None = None
 _LOAD_LOCK = threading.Lock()
-_CACHE_NOTE: str | None = None  # why compiled code is not cached on disk, if it is not
 
 _THREADS: int | None = None  # None: every CPU this process may run on
 _POOL: ThreadPoolExecutor | None = None
@@ -221,31 +69,21 @@ def _f16_bits() -> np.ndarray:
 
 
 def _load() -> str | None:
-    """Import numba and bind the kernels (once); returns why that failed, or None."""
-    global _NUMBA, _LOAD_ERROR, _CACHE_NOTE
-    if _NUMBA is not None or _LOAD_ERROR is not None:
+    """Import numba and the kernels (once); returns why that failed, or None."""
+    global _KERNELS, _LOAD_ERROR
+    if _KERNELS is not None or _LOAD_ERROR is not None:
         return _LOAD_ERROR
     with _LOAD_LOCK:
-        if _NUMBA is not None or _LOAD_ERROR is not None:
+        if _KERNELS is not None or _LOAD_ERROR is not None:
             return _LOAD_ERROR
         if sys.byteorder != "little":
             _LOAD_ERROR = "the cpu kernels assume a little-endian machine"
             return _LOAD_ERROR
         try:
-            import numba
+            _KERNELS = importlib.import_module(".numba_kernels", __package__)
         except Exception as exc:  # ImportError, or numba rejecting the installed numpy
             _LOAD_ERROR = f"numba cannot be imported ({type(exc).__name__}: {exc})"
-            return _LOAD_ERROR
-        g = globals()
-        for name, options in _JIT_SPECS:
-            fn = g[name]
-            try:
-                g[name] = numba.njit(cache=True, fastmath=False, nogil=True, **options)(fn)
-            except RuntimeError as exc:  # no writable cache location: compile in memory each run
-                _CACHE_NOTE = str(exc)
-                g[name] = numba.njit(cache=False, fastmath=False, nogil=True, **options)(fn)
-        _NUMBA = numba
-    return None
+    return _LOAD_ERROR
 
 
 def available() -> str | None:
@@ -343,11 +181,11 @@ def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, tor
     if rows and k:
         consts = (np.float32(ws2.item()), np.float32(six_ws2.item()))
         if weight.dtype == torch.float32:
-            kernel, w = _quantize_f32, weight.numpy()
+            kernel, w = _KERNELS.quantize_f32, weight.numpy()
         elif weight.dtype == torch.bfloat16:
-            kernel, w = _quantize_bf16, _bits(weight)
+            kernel, w = _KERNELS.quantize_bf16, _bits(weight)
         else:
-            kernel, w, consts = _quantize_f16, _bits(weight), (*consts, _f16_bits())
+            kernel, w, consts = _KERNELS.quantize_f16, _bits(weight), (*consts, _f16_bits())
         _run(kernel, w, packed, scales, consts)
     return torch.from_numpy(packed), torch.from_numpy(scales).view(torch.float8_e4m3fn)
 
@@ -364,17 +202,7 @@ def amax(weight: torch.Tensor) -> torch.Tensor:
     return torch.maximum(lo.abs(), hi.abs()).float()
 
 
-def warm_up(dtypes: tuple[torch.dtype, ...] = _SUPPORTED) -> float:
-    """Compile (or load from the on-disk cache) the kernels for ``dtypes``; returns the seconds spent."""
-    start = time.perf_counter()
-    _require()
-    for dtype in dtypes:
-        w = torch.ones(2, BLOCK, dtype=dtype)
-        quantize(w, global_scale(amax(w)))
-    return time.perf_counter() - start
-
-
-_BACKEND = register(
+BACKENDS = (
     Backend(
         name="cpu",
         quantize=quantize,
@@ -385,5 +213,5 @@ _BACKEND = register(
         priority=10,
         description="numba, multi-threaded, bit-exact with the reference (bf16/fp16/fp32)",
         set_threads=set_threads,
-    )
+    ),
 )

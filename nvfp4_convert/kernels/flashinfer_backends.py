@@ -21,7 +21,7 @@ from functools import partial
 
 import torch
 
-from . import reference
+from . import Backend, reference
 from .common import BLOCK
 
 
@@ -41,11 +41,13 @@ def _why_not(*, cute_dsl: bool) -> str | None:
         return "no CUDA GPU"
     major, minor = torch.cuda.get_device_capability()
     if major < 10:
-        return f"needs SM100+ (Blackwell); this GPU is SM{major}{minor}, where FlashInfer's FP4 quantize is a silent no-op"
+        return (f"needs SM100+ (Blackwell); this GPU is SM{major}{minor}, where FlashInfer's FP4 quantize is a "
+                "silent no-op")
     return None
 
 
-def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.Tensor, scales_u8: torch.Tensor) -> None:
+def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.Tensor,
+                         scales_u8: torch.Tensor) -> None:
     """Re-quantize, in place, the blocks to which FlashInfer gave scale 0 (all-zero or tiny blocks)."""
     rows, cols = (scales_u8 == 0).nonzero(as_tuple=True)
     if rows.numel() == 0:
@@ -56,7 +58,8 @@ def _fix_unscaled_blocks(weight: torch.Tensor, ws2: torch.Tensor, packed: torch.
     scales_u8[rows, cols] = s.view(torch.uint8)[:, 0]
 
 
-def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str, to_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor, ws2: torch.Tensor, *, backend: str,
+              to_host: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     import flashinfer
 
     w = (weight if weight.is_cuda else weight.to("cuda")).contiguous()
@@ -103,9 +106,7 @@ def available_cute_dsl() -> str | None:
     return _why_not(cute_dsl=True)
 
 
-from . import Backend, register  # noqa: E402  (imported by the package after Backend exists)
-
-register(
+BACKENDS = (
     Backend(
         name="flashinfer-cute-dsl",
         quantize=quantize_cute_dsl,
@@ -116,9 +117,7 @@ register(
         priority=300,
         description="FlashInfer CuTe-DSL fp4_quantize; Blackwell (SM100+); approximate reciprocal",
         quantize_device=partial(_quantize, backend="cute-dsl", to_host=False),
-    )
-)
-register(
+    ),
     Backend(
         name="flashinfer-cuda",
         quantize=quantize_cuda,
@@ -129,5 +128,5 @@ register(
         priority=200,
         description="FlashInfer CUDA fp4_quantize; Blackwell (SM100+); approximate reciprocal",
         quantize_device=partial(_quantize, backend="cuda", to_host=False),
-    )
+    ),
 )

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN
+from ..constants import E2M1_BOUNDS, E2M1_TIE_UP_BOUNDS
+from .common import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN, pack_codes
 
-# Rounding boundaries of the E2M1 grid [0, .5, 1, 1.5, 2, 3, 4, 6]; a value equal to one of the odd
-# boundaries (0.75, 1.75, 3.5) is a tie whose even neighbour is the upper code.
-_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-_ODD_BOUNDS = torch.tensor([0.75, 1.75, 3.5])
+# searchsorted counts the boundaries below |x|; a value equal to a tie-up boundary gets the upper code.
+_BOUNDS = torch.tensor(E2M1_BOUNDS)
+_TIE_UP_BOUNDS = torch.tensor(E2M1_TIE_UP_BOUNDS)
 
 
 def block_scales(blocks: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
@@ -28,7 +28,7 @@ def cast_e2m1(x: torch.Tensor) -> torch.Tensor:
     sign = (x < 0).to(torch.uint8)
     mag = x.abs()
     code = torch.searchsorted(_BOUNDS.to(x.device), mag, out_int32=True).to(torch.uint8)
-    tie = (mag.unsqueeze(-1) == _ODD_BOUNDS.to(x.device)).any(-1).to(torch.uint8)
+    tie = (mag.unsqueeze(-1) == _TIE_UP_BOUNDS.to(x.device)).any(-1).to(torch.uint8)
     return (sign << 3) + code + tie
 
 
@@ -49,8 +49,7 @@ def encode(weight: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> tor
     """Packed E2M1 codes ``uint8 [R, K/2]`` of ``weight`` ``[R, K]`` under given block scales and ``ws2``."""
     rows, k = weight.shape
     scaled = weight.view(rows, k // BLOCK, BLOCK) / (scales.float() * ws2).unsqueeze(-1)
-    codes = cast_e2m1(scaled.view(rows, k))
-    return (codes[:, 1::2] << 4) | codes[:, 0::2]
+    return pack_codes(cast_e2m1(scaled.view(rows, k)))
 
 
 def amax(weight: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..constants import E2M1_BOUNDS, E2M1_GRID
 from . import Backend, candidates, explicit_backend, reference, search
-from .common import BLOCK, dequantize, global_scale
+from .common import BLOCK, dequantize, global_scale, grid_position, unpack_codes
 
 SCALE_STEP_FRACTION = 0.005
 CODE_STEP_FRACTION = 0.005
@@ -70,8 +71,8 @@ class ProofResult:
 # Probe set
 # ---------------------------------------------------------------------------------------------------
 
-_BOUNDARIES = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+_BOUNDARIES = E2M1_BOUNDS
+_GRID = E2M1_GRID[:-1]  # 6.0 is listed on its own below
 
 
 def _ties(dtype: torch.dtype) -> torch.Tensor:
@@ -148,14 +149,13 @@ def _where(p: Probe) -> str:
 def _first_diff(got: torch.Tensor, want: torch.Tensor) -> str:
     bad = (got != want).nonzero()
     r, c = bad[0].tolist()
-    return f"{len(bad)} of {want.numel()} (first at row {r}, column {c}: got 0x{int(got[r, c]):02x}, want 0x{int(want[r, c]):02x})"
+    return (f"{len(bad)} of {want.numel()} (first at row {r}, column {c}: got 0x{int(got[r, c]):02x}, "
+            f"want 0x{int(want[r, c]):02x})")
 
 
 def _signed_grid(packed: torch.Tensor) -> torch.Tensor:
     """Packed codes -> signed position on the E2M1 grid (+0 and -0 both 0), one per element."""
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1).to(torch.int16)
-    mag = codes & 7
-    return torch.where(codes >= 8, -mag, mag)
+    return grid_position(unpack_codes(packed))
 
 
 def _rms(x: torch.Tensor) -> float:
@@ -182,14 +182,17 @@ def _call(backend: Backend, p: Probe, byte: int) -> tuple[torch.Tensor, torch.Te
     except Exception as exc:  # noqa: BLE001 - any failure refuses the backend
         raise BackendRefused(backend.name, f"raised {type(exc).__name__}: {exc} on {_where(p)}") from exc
     rows, k = p.weight.shape
-    for name, t, shape, dtype in (("packed", packed, (rows, k // 2), torch.uint8), ("scales", scales, (rows, k // BLOCK), torch.float8_e4m3fn)):
+    for name, t, shape, dtype in (("packed", packed, (rows, k // 2), torch.uint8),
+                                  ("scales", scales, (rows, k // BLOCK), torch.float8_e4m3fn)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype or t.device.type != "cpu":
             got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
-            raise BackendRefused(backend.name, f"{name} output is {got}, expected {shape} {dtype} on the CPU ({_where(p)})")
+            raise BackendRefused(backend.name,
+                                 f"{name} output is {got}, expected {shape} {dtype} on the CPU ({_where(p)})")
     return packed, scales.view(torch.uint8)
 
 
-def _untouched(backend: Backend, p: Probe, first: tuple[torch.Tensor, torch.Tensor], want_packed: torch.Tensor) -> str | None:
+def _untouched(backend: Backend, p: Probe, first: tuple[torch.Tensor, torch.Tensor],
+               want_packed: torch.Tensor) -> str | None:
     """Why the outputs cannot have been computed from the input, or None.
 
     Garbage in unwritten buffers is constant (poisoned or zeroed memory), stays the same for a different
@@ -225,11 +228,13 @@ def _check_approx(p: Probe, packed, scales, want_packed, want_scales, tally: _Ta
     """None when within tolerance on this probe, else what is off (the fractions are checked at the end)."""
     ds = (scales.to(torch.int16) - want_scales.to(torch.int16)).abs()
     if (ds > 1).any():
-        return f"block scales more than one E4M3 step from the reference at {_first_diff(scales, want_scales)} on {_where(p)}"
+        return (f"block scales more than one E4M3 step from the reference at {_first_diff(scales, want_scales)} "
+                f"on {_where(p)}")
     same = (ds == 0).repeat_interleave(BLOCK, dim=1)
     dc = (_signed_grid(packed) - _signed_grid(want_packed)).abs()
     if (dc[same] > 1).any():
-        return f"E2M1 codes more than one grid step from the reference at {_first_diff(packed, want_packed)} on {_where(p)}"
+        return (f"E2M1 codes more than one grid step from the reference at {_first_diff(packed, want_packed)} "
+                f"on {_where(p)}")
     tally.blocks += ds.numel()
     tally.scale_steps += int((ds == 1).sum())
     tally.elements += dc.numel()
@@ -320,7 +325,8 @@ def prove(backend: Backend, *, large: bool | None = None, dtypes: tuple[torch.dt
             if not torch.equal(scales, want_scales):
                 problem = f"block scales differ from the reference at {_first_diff(scales, want_scales)} on {_where(p)}"
             else:
-                problem = f"packed codes differ from the reference at {_first_diff(packed, want_packed)} bytes on {_where(p)}"
+                problem = (f"packed codes differ from the reference at {_first_diff(packed, want_packed)} bytes "
+                           f"on {_where(p)}")
         if problem is None:
             problem = _check_approx(p, packed, scales, want_packed, want_scales, tally)
         if problem:
@@ -330,7 +336,8 @@ def prove(backend: Backend, *, large: bool | None = None, dtypes: tuple[torch.dt
         ("E2M1 codes", tally.code_steps, tally.elements, CODE_STEP_FRACTION),
     ):
         if steps > limit * total:
-            raise BackendRefused(backend.name, f"{what} one step off at {steps} of {total} ({steps / total:.2%}; tolerance {limit:.1%})")
+            raise BackendRefused(backend.name, f"{what} one step off at {steps} of {total} ({steps / total:.2%}; "
+                                               f"tolerance {limit:.1%})")
     return ProofResult(backend.name, all_equal, len(expected), tally.elements, time.perf_counter() - start)
 
 
@@ -343,7 +350,7 @@ def _prove_all(backend: Backend, dtypes, scales: str) -> ProofResult:
 
 def select_proven_backend(name: str | None = None, *, device: str | None = None, exact: bool = False,
                           dtypes: tuple[torch.dtype, ...] | None = None, scales: str = "rtn") -> tuple[Backend, str]:
-    """Choose a backend like :func:`select_backend`, but only one that passes :func:`prove`.
+    """Choose the fastest available backend that passes :func:`prove` (see :func:`..kernels.candidates`).
 
     Args:
         name: an explicit choice (``--backend``): it must be available, pass, and be exact if ``exact``;

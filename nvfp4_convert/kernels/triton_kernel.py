@@ -25,7 +25,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .common import BLOCK, INV_GLOBAL, global_scale
+from . import Backend
+from .common import BLOCK, GLOBAL_SCALE_MIN, INV_GLOBAL, global_scale
 
 try:
     import triton
@@ -44,6 +45,7 @@ _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 if triton is not None:
     _INV_GLOBAL = tl.constexpr(INV_GLOBAL)  # a float32 value, so the product is rounded once, as in common
+    _GLOBAL_SCALE_MIN = tl.constexpr(GLOBAL_SCALE_MIN)
 
     @triton.jit(do_not_specialize=["n"])  # one compiled kernel for every tensor size
     def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -166,7 +168,8 @@ if triton is not None:
 
     @triton.jit
     def _rd_mul(a, b):
-        return tl.inline_asm_elementwise("mul.rm.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("mul.rm.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True,
+                                         pack=1)
 
     @triton.jit
     def _pair(t, KIND: tl.constexpr):
@@ -271,8 +274,8 @@ if triton is not None:
         SIMD16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         s_in = tl.load(scale_in_ptr)
-        if FROM_AMAX:  # common.global_scale: amax * fl(1/2688), or 1.0 for an all-zero tensor
-            ws2 = tl.where(s_in == 0.0, 1.0, s_in * _INV_GLOBAL)
+        if FROM_AMAX:  # common.global_scale: amax * fl(1/2688), at least 2^-126, or 1.0 for an all-zero tensor
+            ws2 = tl.where(s_in == 0.0, 1.0, tl.maximum(s_in * _INV_GLOBAL, _GLOBAL_SCALE_MIN))
         else:
             ws2 = s_in
         pid = tl.program_id(0)
@@ -351,7 +354,7 @@ def _launch_quantize(weight: torch.Tensor, scale: torch.Tensor, *, from_amax: bo
     return packed, scales, ws2_out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
@@ -377,7 +380,8 @@ def _amax(weight: torch.Tensor) -> torch.Tensor:
     return acc
 
 
-def _quantize(weight: torch.Tensor, ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _quantize(weight: torch.Tensor,
+              ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on(weight.device):
         if ws2 is None:
             acc = torch.zeros((), dtype=torch.float32, device=weight.device)
@@ -401,7 +405,8 @@ def _(weight):
 
 
 @torch.library.custom_op("nvfp4_convert::quantize", mutates_args=())
-def quantize_op(weight: torch.Tensor, ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_op(weight: torch.Tensor,
+                ws2: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4-quantize ``weight [R, K]`` on its GPU: ``(packed u8 [R, K/2], scales fp8 [R, K/16], ws2)``.
 
     ``ws2`` is the float32 global scale (a 0-dim tensor on the weight's device); when ``None`` it is derived
@@ -420,7 +425,8 @@ def _(weight, ws2=None):
     )
 
 
-def quantize_device(weight: torch.Tensor, *, ws2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_device(weight: torch.Tensor, *,
+                    ws2: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Device-resident entry point: CUDA ``weight [R, K]`` -> CUDA ``(packed, scales, ws2)``.
 
     ``ws2``: the group's float32 global scale as a 0-dim CUDA tensor, or ``None`` to derive it from this
@@ -463,9 +469,7 @@ def available() -> str | None:
     return None
 
 
-from . import Backend, register  # noqa: E402  (imported by the package after Backend exists)
-
-register(
+BACKENDS = (
     Backend(
         name="triton",
         quantize=quantize,
@@ -476,5 +480,5 @@ register(
         priority=100,
         description="Triton kernel, bit-exact with ModelOpt 0.47; any CUDA GPU of compute capability 8.0+",
         quantize_device=quantize_on_device,
-    )
+    ),
 )

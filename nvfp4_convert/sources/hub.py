@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import shutil
 import struct
 import tempfile
@@ -27,7 +26,7 @@ from huggingface_hub.utils.sha import sha_fileobj
 from tqdm.auto import tqdm
 
 from ..errors import ConvertError
-from ..safetensors_io import _MAX_HEADER, parse_header, read_header
+from ..safetensors_io import _MAX_HEADER, load_json, parse_header, read_header
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
@@ -124,11 +123,8 @@ class HubSource:
 
     def read_json(self, filename: str) -> dict:
         path = self.fetch_file(filename)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConvertError(f"{filename} is not valid JSON ({exc})", where=self.description,
-                               fix="Fix the file in the repo or pick another revision") from None
+        return load_json(path, filename=filename, where=self.description,
+                         fix="Fix the file in the repo or pick another revision")
 
     def headers(self) -> dict[str, ShardHeader]:
         """Every shard's header, read with HTTP range requests (no tensor data is downloaded)."""

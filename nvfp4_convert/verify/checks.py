@@ -1,192 +1,44 @@
-"""Check an NVFP4 output folder against the ModelOpt format contract, and optionally against its source.
-
-Structural checks need only the output: both config files, the index, every quantized Linear's
-tensors, block-scale bytes, shared scales of fused groups, exclusions and MoE expert formats. With a
-source, every quantized weight is dequantized and compared with the original (SQNR, relative RMS,
-and each code against a fresh rounding of the source value), and every kept tensor must be
-byte-identical. Tensors are read one row chunk at a time and source shards are acquired one at a time.
-"""
+"""The structural checks of an NVFP4 output folder: everything that can be checked without the source."""
 
 from __future__ import annotations
 
 import fnmatch
 import json
 import math
-import time
-from dataclasses import dataclass, field
+import struct
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .compare import LayerError, compare_with_source, sqnr_stats
-from .configs import FP4_SCHEME, GROUP_SIZE
-from .errors import ConvertError
-from .kernels.common import BLOCK, E4M3_MAX, SCALE_MIN
-from .output import write_json_atomic
-from .plan import EXPERT_MODULE, engine_names, fusion_groups
-from .recipes import load_recipe
-from .safetensors_io import ShardHeader, TensorInfo, read_header, read_rows, read_tensor_bytes
-from .sources.base import SAFETENSORS_INDEX, SINGLE_SHARD
+from ..configs import FP4_SCHEME
+from ..constants import (
+    BLOCK,
+    E4M3_MAX,
+    GLOBAL_SCALE_MIN,
+    INPUT_SCALE,
+    QUANTIZED_TENSORS,
+    SCALAR_SUFFIXES,
+    SCALE_MIN,
+    SCALE_SUFFIXES,
+    quantized_tensors,
+)
+from ..errors import ConvertError
+from ..exclusions import Matcher
+from ..kernels.common import unpack_codes
+from ..plan import EXPERT_MODULE, engine_names, fusion_groups, substring_clashes
+from ..recipes import load_recipe
+from ..safetensors_io import ShardHeader, TensorInfo, read_header, read_rows, read_tensor_bytes
+from ..sources.base import SAFETENSORS_INDEX, SINGLE_SHARD
+from .report import QUANT_ALGOS, VerifyReport
 
 CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes read at a time
-QUANT_ALGOS = ("NVFP4", "W4A16_NVFP4")
-_SCALARS = (".weight_scale_2", ".input_scale")
-_SCALE_SUFFIXES = (".weight_scale", *_SCALARS)
-CHECKS = ("config files", "index", "tensor layout", "scalars", "block scales", "fusion groups", "exclusions",
-          "MoE experts", "error vs source", "kept vs source")
 
 
-@dataclass(frozen=True)
-class Violation:
-    """One broken invariant: which check, what is wrong, and where."""
-
-    check: str
-    what: str
-    where: str
-
-    def line(self) -> str:
-        return f"{self.what} ({self.where})"
-
-
-@dataclass
-class VerifyReport:
-    """What :func:`verify` checked and found."""
-
-    output: Path
-    source: str | None = None
-    quant_algo: str | None = None
-    checked: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHECKS, 0))
-    violations: list[Violation] = field(default_factory=list)
-    quantized: list[str] = field(default_factory=list)
-    kept: list[str] = field(default_factory=list)
-    groups: list[tuple[str, ...]] = field(default_factory=list)
-    layers: list[LayerError] = field(default_factory=list)
-    identical: int = 0  # kept tensors byte-identical to the source
-    code_counts: list[int] = field(default_factory=lambda: [0] * 16)  # E2M1 codes 0..15 over all weights
-    scale_counts: list[int] = field(default_factory=lambda: [0] * 256)  # block scales by E4M3 byte
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return not self.violations
-
-    def add(self, check: str, what: str, where: str) -> None:
-        self.violations.append(Violation(check, what, where))
-
-    def sqnr_stats(self) -> tuple[float, float] | None:
-        """``(median, min)`` SQNR in dB over compared layers, or None without a source comparison."""
-        return sqnr_stats(self.layers)
-
-    def format_summary(self) -> str:
-        """The table printed at the end of ``nvfp4-convert verify``."""
-        failed = {c: sum(v.check == c for v in self.violations) for c in CHECKS}
-        width = max(len(c) for c in CHECKS)
-        lines = [f"{'check':<{width}}  {'checked':>7}  result"]
-        for check in CHECKS:
-            if check in ("error vs source", "kept vs source") and self.source is None:
-                continue
-            result = f"FAIL ({failed[check]})" if failed[check] else "ok"
-            lines.append(f"{check:<{width}}  {self.checked[check]:>7}  {result}")
-        lines += ["", f"output:     {self.output}", f"format:     {self.quant_algo or '?'}; "
-                  f"{len(self.quantized)} quantized Linear weights in {len(self.groups)} scale groups, "
-                  f"{len(self.kept)} tensors kept"]
-        if self.source is not None:
-            lines.append(f"source:     {self.source}")
-            if stats := self.sqnr_stats():
-                measured = [x for x in self.layers if not math.isnan(x.sqnr_db)]
-                worst = min(measured, key=lambda x: x.sqnr_db)
-                lines.append(f"SQNR:       median {stats[0]:.1f} dB, min {stats[1]:.1f} dB ({worst.module}); "
-                             f"max relative RMS error {max(x.rel_rms for x in measured):.4f}")
-            lines.append(f"kept:       {self.identical} of {len(self.kept)} tensors byte-identical to the source")
-        verdict = "PASS" if self.ok else f"FAIL: {len(self.violations)} violation(s)"
-        lines += [f"verdict:    {verdict} ({self.seconds:.1f} s)"]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        """Plain data for ``--json`` (non-finite numbers become null)."""
-
-        def num(x: float) -> float | None:
-            return round(x, 6) if math.isfinite(x) else None
-
-        stats = self.sqnr_stats()
-        return {
-            "ok": self.ok,
-            "output": str(self.output),
-            "source": self.source,
-            "quant_algo": self.quant_algo,
-            "checks": [{"name": c, "checked": self.checked[c], "violations": sum(v.check == c for v in self.violations)}
-                       for c in CHECKS],
-            "violations": [{"check": v.check, "what": v.what, "where": v.where} for v in self.violations],
-            "quantized_modules": len(self.quantized),
-            "kept_tensors": len(self.kept),
-            "fusion_groups": [list(g) for g in self.groups if len(g) > 1],
-            "sqnr_db": {"median": num(stats[0]), "min": num(stats[1])} if stats else None,
-            "kept_identical": self.identical if self.source is not None else None,
-            "layers": [{"module": x.module, "shape": list(x.shape), "sqnr_db": num(x.sqnr_db),
-                        "rel_rms": num(x.rel_rms), "max_code_distance": x.max_code_distance, "outlier": x.outlier}
-                       for x in self.layers],
-            "e2m1_code_counts": self.code_counts,
-            "block_scale_byte_counts": self.scale_counts,
-            "seconds": round(self.seconds, 3),
-        }
-
-
-def verify(out: Path, *, source: str | None = None, revision: str | None = None, token: str | None = None,
-           endpoint: str | None = None, json_path: Path | None = None, plot_dir: Path | None = None,
-           progress: bool = True) -> VerifyReport:
-    """Check the NVFP4 checkpoint in ``out``; optionally compare it with its source.
-
-    Args:
-        out: the converted checkpoint folder.
-        source: the checkpoint it was converted from (local folder or Hub repo id); enables the error
-            measurement and the byte-identity check of kept tensors.
-        revision: Hub revision of ``source``.
-        token: Hub token for a gated or private ``source`` (never recorded).
-        endpoint: Hub endpoint URL.
-        json_path: also write the report as JSON here.
-        plot_dir: also write PNG plots here (needs matplotlib: ``pip install 'nvfp4-convert[plot]'``).
-        progress: show a progress bar.
-
-    Returns:
-        A :class:`VerifyReport`; ``report.ok`` is False when any invariant is broken.
-
-    Raises:
-        ConvertError: when ``out`` is not a folder, the source cannot be read, or plotting is asked
-            for without matplotlib.
-    """
-    started = time.perf_counter()
-    out = Path(out)
-    if not out.is_dir():
-        raise ConvertError("output folder not found", where=str(out), fix="Give the folder a conversion wrote")
-    if plot_dir is not None:
-        from .plots import require_matplotlib
-
-        require_matplotlib()
-    checker = _Checker(out, progress=progress)
-    checker.run()
-    report = checker.report
-    if source is not None:
-        found = compare_with_source(checker, quantized=report.quantized, src=source, revision=revision, token=token,
-                                    endpoint=endpoint, progress=progress)
-        report.source, report.layers, report.identical = found.source, found.layers, found.identical
-        report.checked["error vs source"], report.checked["kept vs source"] = len(found.layers), found.kept_compared
-        for check, what, where in found.problems:
-            report.add(check, what, where)
-    report.seconds = time.perf_counter() - started
-    if json_path is not None:
-        write_json_atomic(Path(json_path), report.to_dict())
-    if plot_dir is not None:
-        from .plots import save_plots
-
-        save_plots(report, Path(plot_dir))
-    return report
-
-
-class _Checker:
+class OutputChecker:
     """The structural checks, in order; later ones skip what earlier ones found broken.
 
-    It also serves the output's tensors to :func:`~nvfp4_convert.compare.compare_with_source`.
+    It also serves the output's tensors to :func:`~nvfp4_convert.verify.compare.compare_with_source`.
     """
 
     def __init__(self, out: Path, *, progress: bool):
@@ -200,11 +52,15 @@ class _Checker:
         self.modules: dict[str, str] = {}  # module -> "nvfp4" or "kept", for 2-D (or U8) weights
         self.scalars: dict[str, bytes] = {}  # name of a 0-dim F32 scale -> its 4 bytes
         self.recipe = None
+        self._fds: dict = {}  # shard -> open file, while scalars are read
 
     def run(self) -> None:
         self.check_configs()
         self.check_index()
-        self.check_tensors()
+        try:
+            self.check_tensors()
+        finally:
+            self.close_files()
         self.check_groups()
         self.check_exclusions()
         self.check_experts()
@@ -263,8 +119,8 @@ class _Checker:
         for key in ("quant_algo", "kv_cache_quant_algo", "group_size", "exclude_modules"):
             if key not in quant:
                 r.add("config files", f"quantization.{key} is missing", where)
-        if quant.get("group_size", GROUP_SIZE) != GROUP_SIZE:
-            r.add("config files", f"group_size is {quant.get('group_size')!r}, not {GROUP_SIZE}", where)
+        if quant.get("group_size", BLOCK) != BLOCK:
+            r.add("config files", f"group_size is {quant.get('group_size')!r}, not {BLOCK}", where)
         if quant.get("kv_cache_quant_algo") is not None:
             r.add("config files", f"kv_cache_quant_algo is {quant['kv_cache_quant_algo']!r}, expected null", where)
         return {"algo": quant.get("quant_algo"),
@@ -374,12 +230,12 @@ class _Checker:
                 self.modules[module] = "kept"
         r.quantized = sorted(m for m, kind in self.modules.items() if kind == "nvfp4")
         for name in sorted(self.tensors):
-            module = next((name[: -len(s)] for s in _SCALE_SUFFIXES if name.endswith(s)), None)
+            module = next((name[: -len(s)] for s in SCALE_SUFFIXES if name.endswith(s)), None)
             if module is not None and self.modules.get(module) != "nvfp4":
                 r.add("tensor layout", "scale tensor for a module whose weight is not NVFP4 (U8)", name)
             if name.endswith((".k_scale", ".v_scale")):
                 r.add("config files", "KV-cache scale present while kv_cache_quant_algo is null", name)
-        quant_names = {f"{m}{s}" for m in r.quantized for s in (".weight", *_SCALE_SUFFIXES)}
+        quant_names = {m + s for m in r.quantized for s, _ in QUANTIZED_TENSORS}
         r.kept = sorted(n for n in self.tensors if n not in quant_names)
         total = sum(self.tensors[f"{m}.weight"][1].nbytes for m in r.quantized)
         with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not self.progress) as bar:
@@ -397,30 +253,33 @@ class _Checker:
             return
         n, half_k = weight.shape
         k = half_k * 2
-        expected = {".weight_scale": ("F8_E4M3", (n, k // BLOCK)), ".weight_scale_2": ("F32", ())}
-        if self.report.quant_algo != "W4A16_NVFP4":
-            expected[".input_scale"] = ("F32", ())
-        elif f"{module}.input_scale" in self.tensors:
-            r.add("tensor layout", "input_scale present in a W4A16_NVFP4 checkpoint", f"{module}.input_scale")
-        layout_ok = k % GROUP_SIZE == 0
+        weight_only = self.report.quant_algo == "W4A16_NVFP4"
+        expected = quantized_tensors(module, (n, k), weight_only=weight_only)[1:]  # the weight is checked above
+        if weight_only and f"{module}{INPUT_SCALE}" in self.tensors:
+            r.add("tensor layout", "input_scale present in a W4A16_NVFP4 checkpoint", f"{module}{INPUT_SCALE}")
+        layout_ok = k % BLOCK == 0
         if not layout_ok:
-            r.add("tensor layout", f"K = {k} is not a multiple of {GROUP_SIZE}", f"{module}.weight")
-        for suffix, (dtype, shape) in expected.items():
-            name = f"{module}{suffix}"
+            r.add("tensor layout", f"K = {k} is not a multiple of {BLOCK}", f"{module}.weight")
+        for name, dtype, shape in expected:
             if name not in self.tensors:
-                r.add("tensor layout", f"{suffix[1:]} is missing", module)
+                r.add("tensor layout", f"{name.rpartition('.')[2]} is missing", module)
                 layout_ok = False
                 continue
             info = self.tensors[name][1]
             if info.dtype != dtype or info.shape != shape:
-                r.add("tensor layout", f"{suffix[1:]} is {info.dtype}{list(info.shape)}, expected {dtype}{list(shape)}",
-                      name)
+                r.add("tensor layout", f"{name.rpartition('.')[2]} is {info.dtype}{list(info.shape)}, "
+                      f"expected {dtype}{list(shape)}", name)
                 layout_ok = False
             elif not shape:
                 self._check_scalar(name)
         if layout_ok:
             self._scan_codes(module)
             self._scan_block_scales(module, n, k // BLOCK)
+
+    def close_files(self) -> None:
+        for f in self._fds.values():
+            f.close()
+        self._fds.clear()
 
     def read(self, name: str, start: int = 0, stop: int | None = None) -> bytearray:
         """Bytes ``[start, stop)`` of output tensor ``name``."""
@@ -434,11 +293,18 @@ class _Checker:
 
     def _check_scalar(self, name: str) -> None:
         self.report.checked["scalars"] += 1
-        raw = bytes(self.read(name))
+        shard, info = self.tensors[name]
+        if shard not in self._fds:  # one open file per shard: a checkpoint holds ~10^5 scalars
+            self._fds[shard] = open(self.out / shard, "rb")  # noqa: SIM115 - closed by close_files()
+        f = self._fds[shard]
+        f.seek(self.headers[shard].data_start + info.data_offsets[0])
+        raw = f.read(4)
         self.scalars[name] = raw
-        value = torch.frombuffer(bytearray(raw), dtype=torch.float32).item()
+        value = struct.unpack("<f", raw)[0] if len(raw) == 4 else math.nan
         if not math.isfinite(value) or value <= 0:
             self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, expected a positive finite number", name)
+        elif value < GLOBAL_SCALE_MIN:  # engines take its reciprocal, which would be inf
+            self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, below the smallest normal float32", name)
 
     def _scan_codes(self, module: str) -> None:
         name = f"{module}.weight"
@@ -446,8 +312,7 @@ class _Checker:
         counts = torch.zeros(16, dtype=torch.int64)
         for start in range(0, size, CHUNK_BYTES):
             packed = torch.frombuffer(self.read(name, start, min(size, start + CHUNK_BYTES)), dtype=torch.uint8)
-            for nibbles in (packed & 0x0F, packed >> 4):
-                counts += torch.bincount(nibbles.long(), minlength=16)
+            counts += torch.bincount(unpack_codes(packed).long(), minlength=16)
         self.report.code_counts = [a + b for a, b in zip(self.report.code_counts, counts.tolist())]
 
     def _scan_block_scales(self, module: str, rows: int, blocks: int) -> None:
@@ -502,7 +367,7 @@ class _Checker:
                 continue
             if "kept" in kinds.values():
                 continue
-            for suffix in _SCALARS:
+            for suffix in SCALAR_SUFFIXES:
                 values = {m: self.scalars.get(f"{m}{suffix}") for m in group}
                 if None in values.values():
                     continue  # missing or malformed, reported above
@@ -516,18 +381,25 @@ class _Checker:
         engine = set(r.quantized)
         if self.recipe is not None:  # fused names too, as engines see them (e.g. qkv_proj)
             engine.update(engine_names(dict.fromkeys(r.quantized), [g for g in r.groups if len(g) > 1], self.recipe))
+        engine_sorted = sorted(engine)
+        matcher = Matcher(self.exclude)
+        hits: dict[str, str] = {}  # entry -> first quantized name it matches
+        for m in engine_sorted:
+            if matcher.matches(m):  # rare: only then is each entry tried
+                for entry in self.exclude:
+                    if entry not in hits and (m == entry or fnmatch.fnmatchcase(m, entry)):
+                        hits[entry] = m
+        clashes = substring_clashes([e for e in self.exclude if e not in hits], engine_sorted)
         for entry in self.exclude:
             r.checked["exclusions"] += 1
-            hit = next((m for m in sorted(engine) if m == entry or fnmatch.fnmatchcase(m, entry)), None)
-            if hit is not None:
-                r.add("exclusions", f"{hit} is listed in exclude_modules ({entry!r}) but quantized", "exclude_modules")
-                continue
-            clash = next((m for m in sorted(engine) if "*" not in entry and entry in m), None)
-            if clash is not None:
-                r.add("exclusions", f"exclusion {entry!r} is a substring of quantized {clash}; vLLM would skip it",
+            if entry in hits:
+                r.add("exclusions", f"{hits[entry]} is listed in exclude_modules ({entry!r}) but quantized",
                       "exclude_modules")
+            elif entry in clashes:
+                r.add("exclusions", f"exclusion {entry!r} is a substring of quantized {clashes[entry]}; vLLM would "
+                      "skip it", "exclude_modules")
         for module, kind in sorted(self.modules.items()):
-            if kind == "kept" and not any(module == e or fnmatch.fnmatchcase(module, e) for e in self.exclude):
+            if kind == "kept" and not matcher.matches(module):
                 r.add("exclusions", f"{module} is not quantized but not in exclude_modules; engines would expect "
                       "NVFP4 tensors", "exclude_modules")
 

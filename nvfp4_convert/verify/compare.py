@@ -16,10 +16,11 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from .kernels.common import BLOCK, dequantize
-from .kernels.reference import cast_e2m1
-from .safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
-from .sources import open_source
+from ..constants import SCALE_SUFFIXES
+from ..kernels.common import BLOCK, dequantize, grid_position, is_dust, unpack_codes
+from ..kernels.reference import cast_e2m1
+from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
+from ..sources import open_source
 
 CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes compared at a time
 COMPARE_BYTES = 16 * 1024 * 1024  # float32 source rows dequantized at a time (temporaries are several times this)
@@ -47,6 +48,7 @@ class LayerError:
     rel_rms: float
     max_code_distance: int  # E2M1 grid steps between a stored code and the rounding of the source value
     outlier: str | None = None
+    dust: bool = False  # max|W| below what NVFP4's smallest global scale resolves: (almost) all codes are 0
 
 
 @dataclass
@@ -99,7 +101,7 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
                     source.release(shard)
     finally:
         source.close()
-    scale_names = {f"{m}{s}" for m in nvfp4 for s in (".weight_scale", ".weight_scale_2", ".input_scale")}
+    scale_names = {m + s for m in nvfp4 for s in SCALE_SUFFIXES}
     for name in sorted(set(output.tensors) - scale_names - seen):
         result.problems.append(("kept vs source", "tensor is not in the source", name))
     flag_outliers(result.layers)
@@ -110,7 +112,7 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
 
 def sqnr_stats(layers: list[LayerError]) -> tuple[float, float] | None:
     """``(median, min)`` SQNR in dB over ``layers``, or None if there are none."""
-    values = [x.sqnr_db for x in layers if not math.isnan(x.sqnr_db)]
+    values = [x.sqnr_db for x in layers if not math.isnan(x.sqnr_db) and not x.dust]
     return (statistics.median(values), min(values)) if values else None
 
 
@@ -119,7 +121,7 @@ def flag_outliers(layers: list[LayerError]) -> None:
     stats = sqnr_stats(layers)
     median = stats[0] if stats else math.nan
     for layer in layers:
-        if layer.outlier is not None:
+        if layer.outlier is not None or layer.dust:
             continue
         if math.isnan(layer.sqnr_db):
             layer.outlier = "dequantizes to NaN or Inf"
@@ -160,7 +162,7 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
     if scale is None or scale[1].shape != (n, k // BLOCK) or ws2_entry is None or ws2_entry[1].nbytes != 4:
         return  # malformed, reported by the layout check
     ws2 = torch.frombuffer(output.read(f"{module}.weight_scale_2"), dtype=torch.float32).reshape(())
-    signal = error = 0.0
+    signal = error = amax = 0.0
     worst, worst_at = 0, (0, 0)
     step = max(1, COMPARE_BYTES // (k * 4))
     for r0 in range(0, n, step):
@@ -168,13 +170,15 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
         w = read_rows(path, header, info.name, r0, r1).float()
         packed, scales = output.rows(f"{module}.weight", r0, r1), output.rows(f"{module}.weight_scale", r0, r1)
         signal += float((w.double() ** 2).sum())
+        amax = max(amax, float(w.abs().max()) if w.numel() else 0.0)
         error += float(((w - dequantize(packed, scales, ws2)).double() ** 2).sum())
         distance = _code_distance(w, packed, scales, ws2)
         if int(distance.max()) > worst:
             worst, flat = int(distance.max()), int(distance.argmax())
             worst_at = (r0 + flat // k, flat % k)
     rel = math.sqrt(error / signal) if signal > 0 else (0.0 if error == 0 else math.inf)
-    layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst)
+    layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst,
+                       dust=is_dust(amax))
     if worst > 1:
         layer.outlier = (f"a code is {worst} E2M1 steps from the rounding of the source value "
                          f"(row {worst_at[0]}, column {worst_at[1]})")
@@ -189,20 +193,12 @@ def _sqnr(signal: float, error: float) -> float:
     return 10 * math.log10(signal / error) if signal > 0 else -math.inf
 
 
-def _signed_index(codes: torch.Tensor) -> torch.Tensor:
-    """E2M1 code -> position on the grid -7..7 (both zeros at 0)."""
-    magnitude = (codes & 0x7).int()
-    return torch.where(codes & 0x8 > 0, -magnitude, magnitude)
-
-
 def _code_distance(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
     """Grid steps between each stored code and round-to-nearest of the source value with the stored scales.
 
     Correct quantization gives 0 (1 at a rounding tie for approximate kernels); a corrupted byte gives
     more. Unlike an error bound this holds for saturated and subnormal-scale blocks too.
     """
-    rows, k = w.shape
     unit = (scales.float() * ws2).repeat_interleave(BLOCK, dim=1)
     expected = cast_e2m1(torch.nan_to_num(w / unit, nan=0.0, posinf=6.0, neginf=-6.0))
-    stored = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(rows, k)
-    return (_signed_index(stored) - _signed_index(expected)).abs()
+    return (grid_position(unpack_codes(packed)) - grid_position(expected)).abs()

@@ -1,4 +1,4 @@
-"""Plots of a :class:`~nvfp4_convert.verify.VerifyReport` (matplotlib is an optional extra).
+"""Plots of a :class:`~nvfp4_convert.verify.report.VerifyReport` (matplotlib is an optional extra).
 
 Each ``plot_*`` function draws on a matplotlib ``Axes`` you pass (handy in notebooks);
 :func:`save_plots` writes them all as PNG files. Figures are built without ``pyplot`` so the caller's
@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ConvertError
-from .kernels.common import E2M1_VALUES
+from ..errors import ConvertError
+from ..kernels.common import E2M1_VALUES
 
 if TYPE_CHECKING:
-    from .verify import VerifyReport
+    from .report import VerifyReport
 
 
 def require_matplotlib() -> None:
