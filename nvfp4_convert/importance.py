@@ -31,7 +31,8 @@ Rows = Callable[[str], Iterator[tuple[int, torch.Tensor]]]  # tensor name -> (fi
 FLOOR = 1e-3
 
 _ATTN = re.compile(r"^(?P<layer>.*)\.self_attn\.(?P<proj>q_proj|k_proj|v_proj|o_proj)$")
-_MLP = re.compile(r"^(?P<layer>.*?)\.mlp(?P<expert>(?:\.experts\.\d+|\.shared_experts?)?)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+_MLP = re.compile(r"^(?P<layer>.*?)\.mlp(?P<expert>(?:\.experts\.\d+|\.shared_experts?)?)"
+                  r"\.(?P<proj>gate_proj|up_proj|down_proj)$")
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 

@@ -21,23 +21,24 @@ from pathlib import Path
 import torch
 
 
-def modelopt_mse(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def modelopt_mse(jobs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, ...]]:
     """``[(weight [R, K], global amax)] -> [(packed, scales as uint8, weight_scale_2)]`` as ModelOpt exports them."""
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.pt", Path(tmp) / "out.pt"
         torch.save(jobs, src)
         env = dict(os.environ, TRITON_INTERPRET="1")
         done = subprocess.run([sys.executable, __file__, str(src), str(dst)], env=env, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, check=False)
         assert done.returncode == 0, done.stderr[-3000:]
         return torch.load(dst)
 
 
 def _export(weight: torch.Tensor, amax: torch.Tensor):
     import triton
-    from cuda_division import CudaScalarDivision
     from modelopt.torch.kernels.quantization.gemm import nvfp4_fp8_sweep as sweep
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    from cuda_division import CudaScalarDivision
 
     class StaticQuantizer:  # what ModelOpt's static export reads from a calibrated weight quantizer
         def __init__(self, block_amax, global_amax):
@@ -52,7 +53,8 @@ def _export(weight: torch.Tensor, amax: torch.Tensor):
         weight.contiguous().view(-1), cands, amax.float().reshape(1), best, n, BLOCK_SIZE=16,
         NUM_CANDIDATES=cands.numel(), BLOCKS_PER_PROGRAM=per_program)
     with CudaScalarDivision():
-        scales, ws2 = NVFP4QTensor.get_weights_scaling_factor_from_quantizer(StaticQuantizer(best, amax.float()), weight)
+        quantizer = StaticQuantizer(best, amax.float())
+        scales, ws2 = NVFP4QTensor.get_weights_scaling_factor_from_quantizer(quantizer, weight)
         qtensor, _, _ = NVFP4QTensor.quantize(weight, 16, scales, ws2)
     return qtensor._quantized_data, scales.view(torch.uint8), ws2.float().reshape(())
 

@@ -101,7 +101,8 @@ def test_search_backends_are_proven_per_mode():
     for mode in ("mse", "mse-weighted"):
         assert selfcheck.prove_search(good, mode).exact
         with pytest.raises(selfcheck.BackendRefused, match="block scales differ"):
-            selfcheck.prove_search(Backend(name="bad", quantize=reference.quantize, amax=reference.amax, search=broken), mode)
+            bad = Backend(name="bad", quantize=reference.quantize, amax=reference.amax, search=broken)
+            selfcheck.prove_search(bad, mode)
     with pytest.raises(selfcheck.BackendRefused, match="has no mse block-scale search"):
         selfcheck.prove_search(Backend(name="none", quantize=reference.quantize, amax=reference.amax), "mse")
 

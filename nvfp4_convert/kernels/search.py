@@ -72,7 +72,8 @@ def block_loss(a: torch.Tensor, s: torch.Tensor, h: torch.Tensor | None) -> torc
     return block_sum(sq if h is None else sq * h)
 
 
-def best_candidates(weight: torch.Tensor, amax: torch.Tensor, channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+def best_candidates(weight: torch.Tensor, amax: torch.Tensor,
+                    channel_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Index ``k`` (int64 ``[R, K/16]``) of the winning candidate of every block of ``weight`` ``[R, K]``."""
     rows, k = weight.shape
     scales = candidate_scales(amax)

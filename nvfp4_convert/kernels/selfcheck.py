@@ -283,13 +283,16 @@ def prove_search(backend: Backend, scales: str, *, dtypes: tuple[torch.dtype, ..
     for p, amax, h, want_packed, want_scales in expected:
         try:
             packed, scales_out = backend.search(p.weight, amax, h)
-        except Exception as exc:  # noqa: BLE001 - any failure refuses the backend
-            raise BackendRefused(backend.name, f"{scales} search raised {type(exc).__name__}: {exc} on {_where(p)}") from exc
+        except Exception as exc:  # any failure refuses the backend
+            raise BackendRefused(backend.name,
+                                 f"{scales} search raised {type(exc).__name__}: {exc} on {_where(p)}") from exc
         got, want = scales_out.view(torch.uint8), want_scales.view(torch.uint8)
         if not torch.equal(got, want):
-            raise BackendRefused(backend.name, f"{scales} block scales differ from the reference at {_first_diff(got, want)} on {_where(p)}")
+            raise BackendRefused(backend.name, f"{scales} block scales differ from the reference at "
+                                               f"{_first_diff(got, want)} on {_where(p)}")
         if not torch.equal(packed, want_packed):
-            raise BackendRefused(backend.name, f"{scales} codes differ from the reference at {_first_diff(packed, want_packed)} on {_where(p)}")
+            raise BackendRefused(backend.name, f"{scales} codes differ from the reference at "
+                                               f"{_first_diff(packed, want_packed)} on {_where(p)}")
         elements += p.weight.numel()
     return ProofResult(backend.name, True, len(expected), elements, time.perf_counter() - start)
 
