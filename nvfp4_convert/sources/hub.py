@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import logging
+import queue
 import shutil
 import struct
 import tempfile
@@ -29,6 +31,8 @@ from ..errors import ConvertError
 from ..safetensors_io import _MAX_HEADER, load_json, parse_header, read_header
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
+_API_TIMEOUT = 30.0  # seconds for an API call (repo info) to answer; downloads use HF_HUB_DOWNLOAD_TIMEOUT
+_CLOSE_GRACE = 2.0  # seconds close() waits for an aborted download before leaving it to die with the process
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
 _METADATA_DIR = "metadata"  # subfolder of work_dir for small non-weight files
 _TOKEN_FIX = "Accept the model's terms on its Hub page if it is gated, then pass --token or set HF_TOKEN"
@@ -36,6 +40,59 @@ _TOKEN_FIX = "Accept the model's terms on its Hub page if it is gated, then pass
 
 class _Stopped(Exception):
     """Raised inside a background download to abort it when the source is closed."""
+
+
+class _Worker:
+    """One daemon thread that runs jobs in order, returning futures.
+
+    Unlike a ThreadPoolExecutor's worker it does not hold the process at exit, so an interrupt during a
+    stalled download ends the run at once instead of after the library's timeouts and retries.
+    """
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self, *, grace: float) -> None:
+        self._jobs.put(None)
+        self._thread.join(grace)
+
+
+class _HubWarnings(logging.Filter):
+    """Keeps huggingface_hub's own warnings (retries, resumed downloads) about our calls off the terminal:
+    each fault ends in the converter's one line instead. Other uses of huggingface_hub are untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = getattr(_CALLING, "active", False) or record.threadName.startswith(_THREAD_PREFIX)
+        return not (ours and record.name.startswith("huggingface_hub") and record.levelno < logging.ERROR)
+
+
+_THREAD_PREFIX = "nvfp4-"
+_CALLING = threading.local()  # .active while this thread is inside HubSource._hub_errors
+_FILTER = _HubWarnings()
+
+
+def _quiet_hub_warnings() -> None:
+    """Install :class:`_HubWarnings` on huggingface_hub's handlers (once)."""
+    for handler in logging.getLogger("huggingface_hub").handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
 
 
 class _QuietBar:
@@ -79,8 +136,9 @@ class HubSource:
         self._api = HfApi(endpoint=endpoint, token=token)
         self._requested_revision = revision
         self.description = repo_id
+        _quiet_hub_warnings()
         with self._hub_errors():
-            info = self._api.model_info(repo_id, revision=revision, files_metadata=True)
+            info = self._api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_API_TIMEOUT)
         self.revision: str = info.sha
         self.description = f"{repo_id}@{self.revision[:12]}"
         self._siblings = {s.rfilename: s for s in info.siblings or []}
@@ -89,7 +147,7 @@ class HubSource:
         self._temp = work_dir is None
         self.work_dir = Path(tempfile.mkdtemp(prefix="nvfp4-hub-") if work_dir is None else work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-download")
+        self._pool = _Worker(_THREAD_PREFIX + "download")
         self._pending: dict[str, Future[Path]] = {}  # submitted, not acquired yet
         self._held: dict[str, Path] = {}  # acquired, not released yet
         self._stop = threading.Event()
@@ -129,7 +187,7 @@ class HubSource:
     def headers(self) -> dict[str, ShardHeader]:
         """Every shard's header, read with HTTP range requests (no tensor data is downloaded)."""
         if self._headers is None:
-            with ThreadPoolExecutor(max_workers=8) as pool:
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix=_THREAD_PREFIX + "header") as pool:
                 self._headers = dict(zip(self.shards, pool.map(self._remote_header, self.shards)))
         return self._headers
 
@@ -274,7 +332,7 @@ class HubSource:
         self._stop.set()
         for future in self._pending.values():
             future.cancel()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(grace=_CLOSE_GRACE)
         if not self.keep_source:
             for filename in [*self._pending, *self._held]:
                 self._delete(filename)
@@ -291,6 +349,7 @@ class HubSource:
     def _hub_errors(self, filename: str | None = None):
         """Turn huggingface_hub/network/disk errors into one-line ConvertErrors (never echoing the token)."""
         where = f"{self.description}/{filename}" if filename else self.description
+        outer, _CALLING.active = getattr(_CALLING, "active", False), True
         try:
             yield
         except GatedRepoError:  # before RepositoryNotFoundError, its base class
@@ -320,3 +379,5 @@ class HubSource:
                 raise ConvertError("disk full while downloading", where=str(self.work_dir),
                                    fix="Free space or point --work-dir at a larger disk") from None
             raise
+        finally:
+            _CALLING.active = outer
