@@ -287,7 +287,7 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
             writes.submit(writer.write, unit.kept, rows, at, nbytes=rows.numel() * rows.element_size())
         return
     if unit.stacked:
-        return _process_stacked(unit.stacked, plan, loaded, paths, writer, writes, backend)
+        return _process_stacked(unit.stacked, plan, loaded, paths, writer, writes, backend, scales)
     group_amax = torch.tensor(0.0)
     for module in unit.modules:
         name = f"{module}.weight"
@@ -319,22 +319,26 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
 
 
 def _process_stacked(name: str, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
-                     writes: _Writes, backend: Backend) -> None:
+                     writes: _Writes, backend: Backend, scales: str = "rtn") -> None:
     """A fused ``[E, in, out]`` expert tensor: one global scale for all of it, each expert's transpose
-    quantized along ``in`` and written back transposed (see :mod:`.stacked`)."""
+    quantized along ``in`` and written back transposed (see :mod:`.stacked`). ``mse-weighted`` has no
+    proxy for these and searches them unweighted."""
     stacked = loaded.tensors[name] if loaded is not None else _map(name, plan, paths)
     amax = loaded.amax[name] if loaded is not None else _amax(stacked, backend).cpu()
     if not torch.isfinite(amax):
         raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
                            fix="Fix the source weights, or --exclude this module to keep it unquantized")
     ws2 = global_scale(amax).reshape(())
-    quantize = _quantize_dust if is_dust(amax) else backend.quantize
+    dust = is_dust(amax)
+    quantize = _quantize_dust if dust else backend.quantize
+    searched = search.quantize if dust or backend.search is None else backend.search
     experts, k, n = stacked.shape
     for e in range(experts):
-        packed, scales = quantize(stacked[e].t().contiguous(), ws2)
-        packed, scales = packed.t().contiguous(), scales.t().contiguous()
+        rows = stacked[e].t().contiguous()
+        packed, block = quantize(rows, ws2) if scales == "rtn" else searched(rows.cpu(), amax, None)
+        packed, block = packed.t().contiguous(), block.t().contiguous()
         writes.submit(writer.write, name, packed, e * packed.numel(), nbytes=packed.numel())
-        writes.submit(writer.write, f"{name}_weight_scale", scales, e * scales.numel(), nbytes=scales.numel())
+        writes.submit(writer.write, f"{name}_weight_scale", block, e * block.numel(), nbytes=block.numel())
     writes.submit(writer.write, f"{name}_weight_scale_2", ws2, nbytes=4)
     if not plan.weight_only:
         writes.submit(writer.write, f"{name}_input_scale", _ONE, nbytes=4)
