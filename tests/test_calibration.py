@@ -248,10 +248,19 @@ def test_bad_input_messages(model, text_file, tmp_path, capsys):
     assert "fewer than 100 samples x 2048 tokens" in err[-1]
 
 
-def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_path, capsys):
-    """verify --activations: the layer-by-layer inputs are the full model's, and the errors follow from them."""
+def _full_model_input(src, text_file, name):
+    """The input of Linear ``name`` in a full transformers forward of the calibration ids, and its weight."""
     import transformers
 
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    seen = []
+    hf.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    hf(_ids(src, text_file, samples=SAMPLES, seq_len=SEQ_LEN).input_ids)
+    return seen[0].reshape(-1, seen[0].shape[-1]), hf.get_submodule(name).weight.detach()
+
+
+def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_path, capsys):
+    """verify --activations: the layer-by-layer inputs are the full model's, and the errors follow from them."""
     from nvfp4_convert.cli import main
     from nvfp4_convert.kernels import reference
     from nvfp4_convert.kernels.common import dequantize
@@ -268,14 +277,10 @@ def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_p
     got = json.loads((tmp_path / "v.json").read_text())["activations"]["modules"]
 
     name = "model.layers.1.mlp.down_proj"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    seen = []
-    hf.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    hf(_ids(src, text_file, samples=SAMPLES, seq_len=SEQ_LEN).input_ids)
-    x = seen[0].reshape(-1, seen[0].shape[-1])
+    x, weight = _full_model_input(src, text_file, name)
     stored = load_all(out)
     wq = dequantize(stored[f"{name}.weight"], stored[f"{name}.weight_scale"], stored[f"{name}.weight_scale_2"])
-    exact = x.float() @ hf.get_submodule(name).weight.float().T
+    exact = x.float() @ weight.float().T
     scale = stored[f"{name}.input_scale"]
     xq = dequantize(*reference.quantize(x, scale), scale)
     for setting, inputs in (("w4a16", x.float()), ("w4a4", xq)):
@@ -286,8 +291,6 @@ def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_p
 
 def test_calibrated_weighted_block_scales(model, text_file, tmp_path):
     """--calibrate with --scales mse-weighted: each block scale minimizes the error weighted by the measured E[x^2]."""
-    import transformers
-
     from nvfp4_convert.importance import FixedChannelWeights
     from nvfp4_convert.kernels import search
 
@@ -299,13 +302,8 @@ def test_calibrated_weighted_block_scales(model, text_file, tmp_path):
     cal, proxy = load_all(tmp_path / "cal"), load_all(tmp_path / "proxy")
 
     name = "model.layers.1.mlp.down_proj"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    seen = []
-    hf.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
-    hf(_ids(src, text_file, samples=SAMPLES, seq_len=SEQ_LEN).input_ids)
-    x = seen[0].reshape(-1, seen[0].shape[-1])
+    x, weight = _full_model_input(src, text_file, name)
     second_moment = (x.float().square().sum(0).double() / x.shape[0]).float()
-    weight = hf.get_submodule(name).weight.detach()
     packed, scales = search.quantize(weight, weight.abs().amax().float(),
                                      FixedChannelWeights({name: second_moment}).weights(name, None))
     assert raw_bytes(cal[f"{name}.weight_scale"]) == raw_bytes(scales)
