@@ -219,3 +219,21 @@ def test_cpu_search_is_bit_exact_and_proven():
             assert torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
     finally:
         cpu.set_threads(None)
+
+
+def test_verify_reports_each_layers_gain_over_rtn(tiny, tmp_path):
+    from nvfp4_convert.verify import verify
+    from nvfp4_convert.verify.summary import format_summary
+
+    src = tiny("llama")
+    for mode in ("rtn", "mse-weighted"):
+        convert(str(src), tmp_path / mode, scales=mode, progress=False, log=lambda _: None)
+    rtn = verify(tmp_path / "rtn", source=str(src), progress=False)
+    assert rtn.ok and all(x.gain_vs_rtn == 0 for x in rtn.layers)
+    assert "vs rtn" not in format_summary(rtn)
+    weighted = verify(tmp_path / "mse-weighted", source=str(src), json_path=tmp_path / "r.json", progress=False)
+    assert weighted.ok
+    gains = [x.gain_vs_rtn for x in weighted.layers]
+    assert len(gains) == 14 and sorted(gains)[7] > 0.0 and max(gains) < 1.0  # weighted trades plain error for its own
+    assert "vs rtn:" in format_summary(weighted)
+    assert "gain_vs_rtn" in json.loads((tmp_path / "r.json").read_text())["layers"][0]

@@ -82,7 +82,8 @@ class VerifyReport:
             "sqnr_db": {"median": num(stats[0]), "min": num(stats[1])} if stats else None,
             "kept_identical": self.identical if self.source is not None else None,
             "layers": [{"module": x.module, "shape": list(x.shape), "sqnr_db": num(x.sqnr_db),
-                        "rel_rms": num(x.rel_rms), "max_code_distance": x.max_code_distance, "outlier": x.outlier}
+                        "rel_rms": num(x.rel_rms), "max_code_distance": x.max_code_distance, "outlier": x.outlier,
+                        "gain_vs_rtn": num(x.gain_vs_rtn)}
                        for x in self.layers],
             "e2m1_code_counts": self.code_counts,
             "block_scale_byte_counts": self.scale_counts,
