@@ -72,7 +72,8 @@ def convert(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite",
-                                            help="Replace an output folder that holds something else.")] = False,
+                                            help="Replace a previous conversion in OUT: only its files, once the "
+                                            "new one is complete; other files are kept.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     calibrate: Annotated[str | None, typer.Option(
         help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id (gives real "

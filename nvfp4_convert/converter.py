@@ -94,7 +94,8 @@ def convert(
         exact: only accept backends bit-exact with ModelOpt.
         threads: CPU threads for CPU backends (default: all cores).
         dry_run: plan only; write nothing.
-        overwrite: replace an output folder that holds something else.
+        overwrite: replace a previous conversion in ``out`` (only the files it wrote, once the new one is
+            complete) and write next to files no conversion wrote (they are kept).
         progress: show progress bars.
         calibrate: calibration text (a .txt/.jsonl/.parquet file or a Hub dataset id): real ``input_scale``s
             from activation statistics collected one decoder layer at a time (default: data-free).
