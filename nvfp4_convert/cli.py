@@ -70,6 +70,10 @@ def convert(
     backend: Annotated[str | None, typer.Option(help="Force a quantize backend (see `nvfp4-convert bench`).")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Only use backends bit-exact with ModelOpt.")] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    scales: Annotated[str, typer.Option(
+        help="Block scales: rtn (from each block's max), mse (least squared error, as ModelOpt's MSE "
+        "calibration) or mse-weighted (least error weighted per input channel by a data-free importance estimate).")
+    ] = "rtn",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite",
                                             help="Replace a previous conversion in OUT: only its files, once the "
@@ -100,7 +104,8 @@ def convert(
         report = run_convert(
             src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
             recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
-            backend=backend, exact=exact, threads=threads, dry_run=dry_run, overwrite=overwrite, progress=progress,
+            backend=backend, exact=exact, threads=threads, scales=scales, dry_run=dry_run, overwrite=overwrite,
+            progress=progress,
             calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
             calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
         )
@@ -128,6 +133,14 @@ def verify_command(
                          typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     plots: Annotated[Path | None,
                      typer.Option(help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
+    activations: Annotated[str | None, typer.Option(
+        help="With --source: run this text (.txt/.jsonl/.parquet or Hub dataset) through the source layer by layer "
+             "and report each layer's W4A16 and W4A4 output error with the stored scales.")
+    ] = None,
+    calib_samples: Annotated[int, typer.Option(help="With --activations: number of samples.")] = 32,
+    calib_seq_len: Annotated[int, typer.Option(help="With --activations: tokens per sample.")] = 512,
+    calib_column: Annotated[str | None, typer.Option(help="With --activations: text column (default: text).")] = None,
+    calib_split: Annotated[str | None, typer.Option(help="With --activations: Hub dataset split.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     debug: DebugOpt = False,
 ) -> None:
@@ -135,13 +148,30 @@ def verify_command(
     from .verify import verify
 
     try:
+        if activations and not source:
+            raise ConvertError("--activations needs --source", where="verify",
+                               fix="Pass the checkpoint OUT was converted from")
         report = verify(out, source=source, revision=revision, token=token, endpoint=endpoint, json_path=json_path,
                         plot_dir=plots, progress=progress)
+        seen = None
+        if activations:
+            from .verify.activations import verify_activations
+
+            seen = verify_activations(out, source=source, dataset=activations, samples=calib_samples,
+                                      seq_len=calib_seq_len, column=calib_column, split=calib_split,
+                                      revision=revision, token=token, endpoint=endpoint, progress=progress)
+            if json_path:
+                import json
+
+                doc = json.loads(json_path.read_text())
+                json_path.write_text(json.dumps({**doc, "activations": seen.to_dict()}, indent=2))
     except (ConvertError, KeyboardInterrupt, Exception) as exc:
         _fail(exc, debug)
     for violation in report.violations:
         typer.echo(f"violation: {violation.line()}")
     typer.echo(report.format_summary())
+    for line in seen.lines() if seen else []:
+        typer.echo(line)
     if not report.ok:
         raise typer.Exit(1)
 

@@ -27,6 +27,7 @@ class Report:
     recipe: Recipe
     backend: str = ""
     backend_reason: str = ""
+    scales: str = "rtn"  # how block scales were chosen (rtn, mse, mse-weighted)
     activation_policy: str = ""
     seconds: float = 0.0
     skipped_shards: list[str] = field(default_factory=list)

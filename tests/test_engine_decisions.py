@@ -337,6 +337,7 @@ CASES = {  # name: (tiny kind, tiny options, convert options)
     "gemma3-vl": ("gemma3", {"tie_word_embeddings": True}, {}),
     "gpt2": ("gpt2", {}, {}),
     "qwen3_moe-exclude-layer-1": ("qwen3_moe", {}, {"excludes": ["model.layers.1.mlp.experts.*"]}),
+    "deepseek_v3-exclude-experts-2": ("deepseek_v3", {"mtp": True}, {"excludes": ["model.layers.2.mlp.experts.*"]}),
     "mixtral-exclude-attention-0": ("mixtral", {}, {"excludes": ["model.layers.0.self_attn.*"]}),
     "qwen3_moe-experts-40-wide": ("qwen3_moe_k40", {}, {}),
     "tied-llama": ("llama", {"tie_word_embeddings": True}, {}),
