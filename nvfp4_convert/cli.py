@@ -81,7 +81,7 @@ def convert(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     calibrate: Annotated[str | None, typer.Option(
         help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id (gives real "
-        "input_scales).")
+        "input_scales; with --scales mse-weighted, block scales weighted by the measured E[x^2]).")
     ] = None,
     calib_samples: Annotated[int, typer.Option(help="With --calibrate: number of samples.")] = calibration.SAMPLES,
     calib_seq_len: Annotated[int, typer.Option(help="With --calibrate: tokens per sample.")] = calibration.SEQ_LEN,
