@@ -76,11 +76,12 @@ def convert(
     ] = "rtn",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite",
-                                            help="Replace an output folder that holds something else.")] = False,
+                                            help="Replace a previous conversion in OUT: only its files, once the "
+                                            "new one is complete; other files are kept.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
     calibrate: Annotated[str | None, typer.Option(
         help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id (gives real "
-        "input_scales).")
+        "input_scales; with --scales mse-weighted, block scales weighted by the measured E[x^2]).")
     ] = None,
     calib_samples: Annotated[int, typer.Option(help="With --calibrate: number of samples.")] = calibration.SAMPLES,
     calib_seq_len: Annotated[int, typer.Option(help="With --calibrate: tokens per sample.")] = calibration.SEQ_LEN,
