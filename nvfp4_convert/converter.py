@@ -98,6 +98,9 @@ def convert(
         ConvertError: for bad input, with what went wrong, where, and what to do.
     """
     started = time.perf_counter()
+    if threads is not None and threads < 1:
+        raise ConvertError(f"cannot use {threads} threads", where="--threads",
+                           fix="Give 1 or more, or leave it out to use every core")
     source = open_source(src, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir,
                          keep_source=keep_source)
     output = None

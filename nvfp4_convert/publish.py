@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConvertError
+from .hub_errors import hub_errors
 from .output import STATE_DIR, read_conversion_info, write_bytes_atomic, write_json_atomic
 from .report import human_bytes
 from .verify import CHECKS, VerifyReport, verify
@@ -54,7 +54,7 @@ def push(out: Path, repo_id: str, *, private: bool = False, token: str | None = 
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
-    with _upload_errors(repo_id):
+    with hub_errors(repo_id, endpoint=endpoint, upload=True):
         url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model", ignore_patterns=IGNORE_PATTERNS,
                           commit_message=commit_message or f"Upload {info['quant_algo']} checkpoint ({info['tool']})")
@@ -205,22 +205,3 @@ def _serving_weight_only(repo_id: str) -> list[str]:
         f"vllm serve {repo_id}",
         "```",
     ]
-
-
-@contextmanager
-def _upload_errors(repo_id: str):
-    """Hub errors as one-line ConvertErrors that never echo the token or server text."""
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import httpx
-
-    try:
-        yield
-    except HFValidationError:
-        raise ConvertError("invalid repo id", where=repo_id, fix="Use the form owner/name") from None
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        raise ConvertError(f"upload failed with HTTP {status}", where=repo_id,
-                           fix="Check the repo id and that the token has write access (--token or HF_TOKEN)") from None
-    except httpx.TransportError as exc:
-        raise ConvertError(f"cannot reach the Hub ({type(exc).__name__})", where=repo_id,
-                           fix="Check the network connection, then push again") from None

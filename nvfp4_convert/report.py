@@ -19,12 +19,15 @@ _INDEX = re.compile(r"\.\d+\.")
 
 @dataclass
 class Report:
-    """What a conversion did (or, with ``dry_run``, would do)."""
+    """What a conversion did (or, with ``dry_run``, would do).
+
+    ``print(report.format_summary())`` (or ``format_plan()`` for a dry run) gives what the CLI prints.
+    """
 
     source: str
     output: Path
-    plan: Plan
-    recipe: Recipe
+    plan: Plan = field(repr=False)
+    recipe: Recipe = field(repr=False)
     backend: str = ""
     backend_reason: str = ""
     activation_policy: str = ""
@@ -35,6 +38,21 @@ class Report:
     @property
     def quant_algo(self) -> str:
         return quant_algo(self.plan.weight_only)
+
+    def __repr__(self) -> str:
+        plan = self.plan
+        what = "would convert" if self.dry_run else "converted"
+        return (f"<Report: {what} {self.source} -> {self.output}; {len(plan.quantized)} NVFP4 weights, "
+                f"{len(plan.tensors) - len(plan.quantized)} tensors kept, {len(plan.shards)} shard(s)"
+                + (f", backend {self.backend}, {self.seconds:.1f} s" if not self.dry_run else "") + ">")
+
+    def format_plan(self) -> str:
+        """The ``--dry-run`` table and totals."""
+        return format_plan(self)
+
+    def format_summary(self) -> str:
+        """The end-of-run summary."""
+        return format_summary(self)
 
 
 def human_bytes(n: float) -> str:

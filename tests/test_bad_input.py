@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from nvfp4_convert import ConvertError
 from nvfp4_convert.cli import app
 
 runner = CliRunner()
@@ -166,5 +167,9 @@ def test_gated_repo_needs_token(tiny, fake_hub, tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    result = runner.invoke(app, ["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    args = ["convert", str(tmp_path / "nope"), str(tmp_path / "out")]
+    plain = runner.invoke(app, args)
+    assert_one_line_error(plain, "no such folder")
+    assert isinstance(plain.exception, SystemExit)  # handled: no traceback
+    debug = runner.invoke(app, [*args, "--debug"])
+    assert isinstance(debug.exception, ConvertError) and "no such folder" in str(debug.exception)

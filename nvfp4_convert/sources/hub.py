@@ -2,37 +2,25 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
-import struct
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status, httpx
+from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils.sha import sha_fileobj
 from tqdm.auto import tqdm
 
 from ..errors import ConvertError
-from ..safetensors_io import _MAX_HEADER, parse_header, read_header
+from ..hub_errors import hub_errors
+from ..safetensors_io import header_length, parse_header, read_header
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
 _METADATA_DIR = "metadata"  # subfolder of work_dir for small non-weight files
-_TOKEN_FIX = "Accept the model's terms on its Hub page if it is gated, then pass --token or set HF_TOKEN"
 
 
 class _Stopped(Exception):
@@ -142,13 +130,7 @@ class HubSource:
         url = hf_hub_url(self.repo_id, filename, revision=self.revision, endpoint=self._api.endpoint)
         with self._hub_errors(filename):
             head = self._read_range(url, 0, min(size, _HEADER_PROBE)) if size >= 8 else b""
-            if len(head) < 8:
-                raise ConvertError("truncated shard: shorter than 8 bytes", where=filename,
-                                   fix="Re-download or re-export this shard")
-            (length,) = struct.unpack("<Q", head[:8])
-            if length > _MAX_HEADER or 8 + length > size:
-                raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {size}-byte file",
-                                   where=filename, fix="Re-download or re-export this shard")
+            length = header_length(head, file_size=size, filename=filename)
             if 8 + length > len(head):
                 head += self._read_range(url, len(head), 8 + length - len(head))
         return parse_header(head[8:8 + length], filename=filename, file_size=size)
@@ -291,36 +273,8 @@ class HubSource:
 
     # -- errors ----------------------------------------------------------------------------------
 
-    @contextmanager
     def _hub_errors(self, filename: str | None = None):
-        """Turn huggingface_hub/network/disk errors into one-line ConvertErrors (never echoing the token)."""
-        where = f"{self.description}/{filename}" if filename else self.description
-        try:
-            yield
-        except GatedRepoError:  # before RepositoryNotFoundError, its base class
-            raise ConvertError("gated repo: access needs an accepted license and a token", where=self.repo_id,
-                               fix=_TOKEN_FIX) from None
-        except RepositoryNotFoundError:
-            raise ConvertError("repo not found, or private and no valid token given", where=self.repo_id,
-                               fix="Check the repo id; for a private repo pass --token or set HF_TOKEN") from None
-        except RevisionNotFoundError:
-            raise ConvertError(f"revision {self._requested_revision!r} not found", where=self.repo_id,
-                               fix="Use a branch, tag or commit sha that exists in the repo") from None
-        except OfflineModeIsEnabled:
-            raise ConvertError("HF_HUB_OFFLINE is set, so the Hub cannot be read", where=where,
-                               fix="Unset HF_HUB_OFFLINE, or convert from a local folder") from None
-        except (httpx.TransportError, LocalEntryNotFoundError) as exc:  # the latter: HEAD failed, nothing local
-            raise ConvertError(f"cannot reach the Hub ({type(exc).__name__})", where=self._api.endpoint,
-                               fix="Check the network connection or --endpoint, then re-run to resume") from None
-        except RemoteEntryNotFoundError:
-            raise ConvertError("file not found in the repo", where=where,
-                               fix="The repo may have changed; re-run to re-read it") from None
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            raise ConvertError(f"Hub request failed with HTTP {status}", where=where,
-                               fix="Retry later; check --endpoint and the token's permissions") from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ConvertError("disk full while downloading", where=str(self.work_dir),
-                                   fix="Free space or point --work-dir at a larger disk") from None
-            raise
+        """Hub, network and disk errors inside the block as one-line ConvertErrors."""
+        return hub_errors(self.repo_id, where=f"{self.description}/{filename}" if filename else self.description,
+                          endpoint=self._api.endpoint, revision=self._requested_revision,
+                          work_dir=getattr(self, "work_dir", None))
