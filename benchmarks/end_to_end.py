@@ -2,6 +2,13 @@
 
     python benchmarks/end_to_end.py --size 16GB --dir /tmp/e2e            # Llama-8B-shaped layers
     python benchmarks/end_to_end.py --size 2GB --dir /tmp/e2e --backend cpu
+    python benchmarks/end_to_end.py --size 11GB --dir /tmp/e2e --shape dense,moe   # MoE next to dense
+    python benchmarks/end_to_end.py --size 4GB --dir /tmp/e2e --shape moe --fp8    # DeepSeek-style FP8 source
+
+Shapes: ``dense`` (Llama-8B layers) and ``moe`` (Qwen3-30B-A3B layers: 128 experts of 768 x 2048,
+~390 tensors per layer). With several shapes, each is measured in turn and their conversion rates
+compared at the end. ``--fp8`` stores the linear weights as block FP8 (128 x 128 ``weight_scale_inv``)
+as DeepSeek and Qwen3-FP8 ship them.
 
 Writes a random BF16 Llama-shaped checkpoint of about SIZE, then in one run measures
   1. the I/O floor: a command that reads every source tensor once and writes tensors of the output's
@@ -28,9 +35,33 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 HIDDEN, INTER, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
+MOE_HIDDEN, MOE_INTER, MOE_EXPERTS, MOE_VOCAB = 2048, 768, 128, 151936
+MOE_HEADS, MOE_KV_HEADS, MOE_HEAD_DIM = 32, 4, 128
+FP8_BLOCK = 128
 
 
-def layer_tensors(i: int) -> dict[str, tuple[int, int]]:
+def moe_layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
+    p = f"model.layers.{i}"
+    q, kv = MOE_HEADS * MOE_HEAD_DIM, MOE_KV_HEADS * MOE_HEAD_DIM
+    t = {
+        f"{p}.self_attn.q_proj.weight": (q, MOE_HIDDEN),
+        f"{p}.self_attn.k_proj.weight": (kv, MOE_HIDDEN),
+        f"{p}.self_attn.v_proj.weight": (kv, MOE_HIDDEN),
+        f"{p}.self_attn.o_proj.weight": (MOE_HIDDEN, q),
+        f"{p}.self_attn.q_norm.weight": (MOE_HEAD_DIM,),
+        f"{p}.self_attn.k_norm.weight": (MOE_HEAD_DIM,),
+        f"{p}.mlp.gate.weight": (MOE_EXPERTS, MOE_HIDDEN),
+        f"{p}.input_layernorm.weight": (MOE_HIDDEN,),
+        f"{p}.post_attention_layernorm.weight": (MOE_HIDDEN,),
+    }
+    for e in range(MOE_EXPERTS):
+        t.update({f"{p}.mlp.experts.{e}.gate_proj.weight": (MOE_INTER, MOE_HIDDEN),
+                  f"{p}.mlp.experts.{e}.up_proj.weight": (MOE_INTER, MOE_HIDDEN),
+                  f"{p}.mlp.experts.{e}.down_proj.weight": (MOE_HIDDEN, MOE_INTER)})
+    return t
+
+
+def layer_tensors(i: int) -> dict[str, tuple[int, ...]]:
     head = HIDDEN // HEADS
     p = f"model.layers.{i}"
     return {
@@ -46,15 +77,30 @@ def layer_tensors(i: int) -> dict[str, tuple[int, int]]:
     }
 
 
-def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, vocab: int = VOCAB) -> int:
-    """Random BF16 Llama-8B-shaped layers (as many as fit ``size``); returns the bytes written."""
+def _fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's block FP8 of a 2-D weight: ``scale_inv = block amax / 448`` per 128 x 128 block."""
+    rows, cols = t.shape
+    pr, pc = -rows % FP8_BLOCK, -cols % FP8_BLOCK
+    padded = torch.nn.functional.pad(t.float(), (0, pc, 0, pr))
+    blocks = padded.view((rows + pr) // FP8_BLOCK, FP8_BLOCK, (cols + pc) // FP8_BLOCK, FP8_BLOCK)
+    scale = (blocks.abs().amax(dim=(1, 3)) / 448.0).clamp(min=1e-12)
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows + pr, cols + pc)[:rows, :cols]
+    return q.contiguous(), scale
+
+
+def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, vocab: int | None = None,
+                    shape: str = "dense", fp8: bool = False) -> int:
+    """Random BF16 (or block-FP8) layers of ``shape`` (as many as fit ``size``); returns the bytes written."""
     folder.mkdir(parents=True, exist_ok=True)
-    per_layer = sum(2 * torch.Size(s).numel() for s in layer_tensors(0).values())
-    layers = max(1, (size - 4 * vocab * HIDDEN) // per_layer)
-    names = {"model.embed_tokens.weight": (vocab, HIDDEN)}
+    moe = shape == "moe"
+    hidden, layer = (MOE_HIDDEN, moe_layer_tensors) if moe else (HIDDEN, layer_tensors)
+    vocab = vocab or (MOE_VOCAB if moe else VOCAB)
+    per_layer = sum((1 if fp8 and len(s) == 2 else 2) * torch.Size(s).numel() for s in layer(0).values())
+    layers = max(1, (size - 4 * vocab * hidden) // per_layer)
+    names = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
-        names.update(layer_tensors(i))
-    names.update({"model.norm.weight": (HIDDEN,), "lm_head.weight": (vocab, HIDDEN)})
+        names.update(layer(i))
+    names.update({"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)})
     device = "cuda" if torch.cuda.is_available() else "cpu"  # random numbers are much faster there
     gen = torch.Generator(device).manual_seed(0)
     shard, shard_bytes, index, total, written = {}, 0, {}, 0, 0
@@ -68,13 +114,17 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
             index.update({k: name for k in shard})
             shard, shard_bytes = {}, 0
 
-    for name, shape in names.items():
-        t = (torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
-        if shard_bytes + t.numel() * 2 > shard_size:
+    for name, dims in names.items():
+        t = (torch.randn(dims, generator=gen, device=device, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+        made = {name: t}
+        if fp8 and len(dims) == 2 and name.startswith("model.layers.") and ".mlp.gate." not in name:
+            made = dict(zip((name, f"{name}_scale_inv"), _fp8(t)))
+        nbytes = sum(x.numel() * x.element_size() for x in made.values())
+        if shard_bytes + nbytes > shard_size:
             flush()
-        shard[name] = t
-        shard_bytes += t.numel() * 2
-        total += t.numel() * 2
+        shard.update({k: v.cpu() for k, v in made.items()})
+        shard_bytes += nbytes
+        total += nbytes
     flush()
     final = {}
     n = len(set(index.values()))
@@ -85,9 +135,17 @@ def make_checkpoint(folder: Path, size: int, *, shard_size: int = 5 * 10**9, voc
     index = {k: final[v] for k, v in index.items()}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": index}))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
-              "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
-              "num_hidden_layers": layers, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5}
+    if moe:
+        config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
+                  "moe_intermediate_size": MOE_INTER, "num_experts": MOE_EXPERTS, "num_experts_per_tok": 8,
+                  "num_attention_heads": MOE_HEADS, "num_key_value_heads": MOE_KV_HEADS, "head_dim": MOE_HEAD_DIM}
+    else:
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+                  "intermediate_size": INTER, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}
+    config.update({"num_hidden_layers": layers, "vocab_size": vocab, "torch_dtype": "bfloat16", "rms_norm_eps": 1e-5})
+    if fp8:
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                         "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return total
 
@@ -131,16 +189,23 @@ def floor_child(src: Path, scratch: Path, sizes: Path) -> None:
 
 
 def quantize_only(src: Path, backend_name: str | None) -> tuple[float, str]:
+    from nvfp4_convert.fp8 import dequantize
     from nvfp4_convert.kernels import selfcheck
     from nvfp4_convert.kernels.common import global_scale
 
     backend, _ = selfcheck.select_proven_backend(backend_name)
     spent = 0.0
+    scales = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            scales.update({k: f.get_tensor(k) for k in f.keys() if k.endswith("_scale_inv")})
     for shard in sorted(src.glob("*.safetensors")):
         with safe_open(shard, "pt") as f:
             for key in f.keys():
-                if "proj" in key:
+                if key.endswith("proj.weight"):
                     w = f.get_tensor(key)
+                    if w.dtype == torch.float8_e4m3fn:  # dequantized outside the timing
+                        w = dequantize(w, scales[f"{key}_scale_inv"], (FP8_BLOCK, FP8_BLOCK))
                     started = time.perf_counter()
                     backend.quantize(w, global_scale(backend.amax(w)))
                     spent += time.perf_counter() - started
@@ -149,37 +214,59 @@ def quantize_only(src: Path, backend_name: str | None) -> tuple[float, str]:
 
 def main() -> None:
     from nvfp4_convert.converter import parse_size
-    from nvfp4_convert.safetensors_io import read_header
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="2GB")
     parser.add_argument("--dir", type=Path, required=True)
     parser.add_argument("--backend", default=None)
-    parser.add_argument("--vocab", type=int, default=VOCAB)
+    parser.add_argument("--shape", default="dense", help="dense, moe, or both: dense,moe")
+    parser.add_argument("--fp8", action="store_true", help="block-FP8 source (DeepSeek style)")
+    parser.add_argument("--vocab", type=int, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint and output")
     parser.add_argument("--floor-child", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_child:
         return floor_child(*args.floor_child)
-    src, out = args.dir / "src", args.dir / "out"
+    rates = {}
+    for shape in args.shape.split(","):
+        print(f"== {shape}{' (FP8 source)' if args.fp8 else ''}")
+        folder = args.dir / shape
+        rates[shape] = measure(folder, size=parse_size(args.size), shape=shape, fp8=args.fp8, vocab=args.vocab,
+                               backend=args.backend)
+        if not args.keep:
+            shutil.rmtree(folder)
+    if len(rates) > 1:
+        (a, (ca, ia)), (b, (cb, ib)) = list(rates.items())[:2]
+        print(f"{b} vs {a}: whole command {cb / ca:.0%} of the GB/s ({cb:.2f} vs {ca:.2f}), convert() alone "
+              f"{ib / ia:.0%} ({ib:.2f} vs {ia:.2f} GB/s)")
+
+
+def measure(folder: Path, *, size: int, shape: str, fp8: bool, vocab: int | None,
+            backend: str | None) -> tuple[float, float]:
+    """Measure one synthetic checkpoint; returns (whole-command GB/s, convert()-alone GB/s)."""
+    from nvfp4_convert.safetensors_io import read_header
+
+    src, out = folder / "src", folder / "out"
     shutil.rmtree(out, ignore_errors=True)
     if not (src / "config.json").exists():
         started = time.perf_counter()
-        total = make_checkpoint(src, parse_size(args.size), vocab=args.vocab)
-        print(f"wrote synthetic checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - started:.1f} s")
+        total = make_checkpoint(src, size, vocab=vocab, shape=shape, fp8=fp8)
+        count = sum(len(read_header(p).tensors) for p in src.glob("*.safetensors"))
+        print(f"wrote synthetic checkpoint: {total / 1e9:.2f} GB, {count} tensors in "
+              f"{time.perf_counter() - started:.1f} s")
     total = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     # Flush pending writes before each measurement, so that neither pays for the other's write-back.
     os.sync()
-    floor_cmd, read, write = io_floor(src, args.dir / "floor")
+    floor_cmd, read, write = io_floor(src, folder / "floor")
     os.sync()
-    q, backend = quantize_only(src, args.backend)
+    q, backend_name = quantize_only(src, backend)
     # The child reports its own peak RSS (VmHWM): ru_maxrss would include this process's memory at fork.
     child = ("import re, sys\nfrom nvfp4_convert.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"
              "    hwm = re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)\n"
              "    print('PEAK_RSS_KB', hwm, file=sys.stderr)\n")
     cmd = [sys.executable, "-c", child, str(src), str(out), "--no-progress"]
-    if args.backend:
-        cmd += ["--backend", args.backend]
+    if backend:
+        cmd += ["--backend", backend]
     os.sync()
     started = time.perf_counter()
     run = subprocess.run(cmd, capture_output=True, text=True)
@@ -191,16 +278,17 @@ def main() -> None:
     peak = int(run.stderr.rsplit("PEAK_RSS_KB", 1)[1].split()[0]) * 1024
     largest = max(t.nbytes for p in src.glob("*.safetensors") for t in read_header(p).tensors.values())
     floor = read + write
-    print(f"source {total / 1e9:.2f} GB, largest tensor T = {largest / 1e6:.0f} MB, backend {backend}")
+    print(f"source {total / 1e9:.2f} GB, largest tensor T = {largest / 1e6:.0f} MB, backend {backend_name}")
     print(f"I/O floor: read {read:.2f} s + write {write:.2f} s = {floor:.2f} s; as a command (with interpreter "
           f"start-up and imports) {floor_cmd:.2f} s; quantize alone {q:.2f} s")
     print(f"convert, whole command: {convert_s:.2f} s = {convert_s / floor_cmd:.2f}x the floor command "
           f"({convert_s / floor:.2f}x the floor's own I/O time); {total / convert_s / 1e9:.2f} GB/s")
     print(f"convert() alone (without its {convert_s - inside:.2f} s of start-up and imports): {inside:.2f} s = "
-          f"{inside / floor:.2f}x the floor's I/O time, {inside / max(floor, q):.2f}x max(I/O floor, quantize)")
+          f"{inside / floor:.2f}x the floor's I/O time, {inside / max(floor, q):.2f}x max(I/O floor, quantize); "
+          f"{total / inside / 1e9:.2f} GB/s")
     print(f"peak RSS of the conversion: {peak / 1e9:.2f} GB (bound 3T + 1.5 GB = {(3 * largest + 1.5e9) / 1e9:.2f} GB)")
-    if not args.keep:
-        shutil.rmtree(args.dir)
+    shutil.rmtree(out, ignore_errors=True)
+    return total / convert_s / 1e9, total / inside / 1e9
 
 
 if __name__ == "__main__":

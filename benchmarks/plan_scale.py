@@ -123,11 +123,11 @@ def make_source(folder: Path, *, fp8: bool, shards: int = 163) -> int:
 
 
 def main() -> None:
-    from nvfp4_convert import verify as verify_module
     from nvfp4_convert.converter import _write_final_files
     from nvfp4_convert.plan import build_plan
     from nvfp4_convert.recipes import load_recipe
     from nvfp4_convert.sources.local import LocalSource
+    from nvfp4_convert.verify import checks, verify
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", type=Path, required=True)
@@ -158,14 +158,15 @@ def main() -> None:
     for shard in plan.shards:
         write_sparse(out / shard.filename, shard.tensors, scalars=1.0)
     _write_final_files(config, plan, out)
-    scans = verify_module._Checker._scan_codes, verify_module._Checker._scan_block_scales
-    verify_module._Checker._scan_codes = verify_module._Checker._scan_block_scales = lambda *a, **k: None
+    checker = checks.OutputChecker
+    scans = checker._scan_codes, checker._scan_block_scales
+    checker._scan_codes = checker._scan_block_scales = lambda *a, **k: None
     try:
         started = time.perf_counter()
-        report = verify_module.verify(out, progress=False)
+        report = verify(out, progress=False)
         verify_s = time.perf_counter() - started
     finally:
-        verify_module._Checker._scan_codes, verify_module._Checker._scan_block_scales = scans
+        checker._scan_codes, checker._scan_block_scales = scans
     print(f"structural verify (without the per-byte scans): {verify_s:.2f} s, {len(report.violations)} violations")
     print(f"goal: plan < 3 s ({'met' if plan_s < 3 else 'NOT met'}), structural verify < 10 s "
           f"({'met' if verify_s < 10 else 'NOT met'})")

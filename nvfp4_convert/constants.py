@@ -11,6 +11,10 @@ BLOCK = 16  # elements per block scale (ModelOpt's and the engines' ``group_size
 E2M1_MAX = 6.0  # largest E2M1 magnitude
 E4M3_MAX = 448.0  # largest finite float8_e4m3fn
 SCALE_MIN = 2.0**-9  # smallest block scale written: the smallest float8_e4m3fn subnormal (ModelOpt clamps to it)
+# Smallest global scale written: the smallest normal float32, so that it and its reciprocal (which engines
+# take) are normal and finite. Below it (max|x| < 2^-126 * 2688, about 3.2e-35: "denormal dust") ModelOpt's
+# value is subnormal or 0; dust then quantizes to (almost) all-zero codes, which is what it is.
+GLOBAL_SCALE_MIN = 2.0**-126
 
 E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitude of codes 0..7; code | 8 is the negative
 E2M1_VALUES = E2M1_GRID + tuple(-v for v in E2M1_GRID)  # value of each 4-bit code (code 8 is -0.0)

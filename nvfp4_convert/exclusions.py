@@ -11,6 +11,8 @@ Multi-token-prediction layers are appended afterwards as ``prefix*`` (``_add_mtp
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from bisect import bisect_left
 from collections.abc import Iterable
 
@@ -86,3 +88,32 @@ def vllm_forms(entry: str) -> tuple[str, ...]:
     if len(entry) >= 2 and entry.endswith("*") and entry[-2] != ".":
         return entry[:-1], entry[:-1] + ".*"
     return (entry,)
+
+
+class Matcher:
+    """Which names a list of exclusion patterns matches (``fnmatchcase``, as TensorRT-LLM tests them), fast.
+
+    Exact entries are a set lookup and ``prefix*`` entries one ``str.startswith`` over all prefixes;
+    only the rare other wildcards go through a regex. Checking n names is O(n), not O(n x patterns).
+    """
+
+    def __init__(self, patterns: Iterable[str]):
+        self.patterns = list(patterns)
+        self._exact = {p for p in self.patterns if not _WILD.search(p)}
+        prefix = [p for p in self.patterns if p.endswith("*") and not _WILD.search(p[:-1])]
+        self._prefixes = tuple(p[:-1] for p in prefix)
+        other = [p for p in self.patterns if p not in self._exact and p not in prefix]
+        self._regex = re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in other)) if other else None
+
+    def matches(self, name: str) -> bool:
+        return name in self._exact or name.startswith(self._prefixes) or \
+            (self._regex is not None and self._regex.match(name) is not None)
+
+    def first(self, name: str) -> str | None:
+        """The first pattern, in list order, that matches ``name``."""
+        if not self.matches(name):
+            return None
+        return next(p for p in self.patterns if name == p or fnmatch.fnmatchcase(name, p))
+
+
+_WILD = re.compile(r"[*?\[]")

@@ -89,7 +89,9 @@ def fp8_weights(source: Fp8Source | None, tensors: dict, *, where: str) -> tuple
         if not name.endswith(".weight") or len(info.shape) != 2:
             raise ConvertError(f"FP8 tensor {name!r} {list(info.shape)} is not a 2-D weight", where=where, fix=_FIX)
         module = name[: -len(".weight")]
-        scale = next((f"{module}{s}" for s in source.suffixes if f"{module}{s}" in tensors), None)
+        scale = f"{module}{source.suffixes[0]}"
+        if scale not in tensors:
+            scale = next((f"{module}{s}" for s in source.suffixes[1:] if f"{module}{s}" in tensors), None)
         if scale is None:
             raise ConvertError(f"FP8 weight {name!r} has no {source.suffixes[0][1:]}", where=where, fix=_FIX)
         _check_scale(name, info.shape, scale, tensors[scale].info, source, where=where)
@@ -98,10 +100,12 @@ def fp8_weights(source: Fp8Source | None, tensors: dict, *, where: str) -> tuple
     if not weights:
         raise ConvertError(f"config.json declares {source.flavour}, but no tensor is FP8", where=where,
                            fix="Fix or remove quantization_config in config.json")
+    dropped = set()
     for name in tensors:
         if name.endswith(source.suffixes) and name not in claimed:
             raise ConvertError(f"scale {name!r} belongs to no FP8 weight", where=where, fix=_FIX)
-    dropped = {n for n in tensors if n.endswith(DROPPED_SUFFIXES) and n not in claimed}
+        if name.endswith(DROPPED_SUFFIXES) and name not in claimed:
+            dropped.add(name)
     return weights, claimed | dropped
 
 

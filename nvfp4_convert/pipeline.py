@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from .errors import ConvertError
 from .fp8 import check_scale_values, dequantize
-from .kernels import Backend
-from .kernels.common import global_scale
+from .kernels import Backend, reference
+from .kernels.common import global_scale, is_dust
 from .output import OutputDir
 from .plan import OutputShard, Plan, Unit
 from .safetensors_io import ShardWriter, map_tensor
@@ -266,12 +266,20 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
                                fix="Fix the source weights, or --exclude this module to keep it unquantized")
         group_amax = torch.maximum(group_amax, amax)
     ws2 = global_scale(group_amax).reshape(())
+    quantize = _quantize_dust if is_dust(group_amax) else backend.quantize
     for module in unit.modules:
         k = plan.tensors[f"{module}.weight"].info.shape[1]
         for start, w in _rows(f"{module}.weight", plan, paths, loaded):
-            packed, scales = backend.quantize(w, ws2)
+            packed, scales = quantize(w, ws2)
             writes.submit(writer.write, f"{module}.weight", packed, start * (k // 2), nbytes=packed.numel())
             writes.submit(writer.write, f"{module}.weight_scale", scales, start * (k // 16), nbytes=scales.numel())
         writes.submit(writer.write, f"{module}.weight_scale_2", ws2, nbytes=4)
         if not plan.weight_only:
             writes.submit(writer.write, f"{module}.input_scale", _ONE, nbytes=4)
+
+
+def _quantize_dust(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Denormal dust goes through the reference on the CPU, whatever the backend: its divisors are
+    subnormal, where reciprocal-based and flush-to-zero arithmetic differ, so this is what gives the
+    same bytes on every backend."""
+    return reference.quantize(weight.cpu(), ws2.cpu())

@@ -160,17 +160,28 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     kept_reasons: dict[str, str] = {}
 
     linear_like = {m: t for n, t in tensors_out.items() if (m := _module(n)) and len(t.info.shape) >= 2}
+    warnings += _fused_expert_warnings(tensors_out)
     candidates: dict[str, SourceTensor] = {}
+    conv1d: list[str] = []
     for module, t in linear_like.items():
         if not recipe.matches("quantize", module) or recipe.matches("exclude", module):
             kept_reasons[module] = "excluded by recipe"
+        elif recipe.matches("conv1d", module):
+            kept_reasons[module] = "Hugging Face Conv1D weight, stored [in, out]"
+            conv1d.append(module)
         elif len(t.info.shape) != 2 or t.info.dtype not in FLOAT_DTYPES and t.name not in fp8:
             kept_reasons[module] = f"not a 2-D float weight ({t.info.dtype}{list(t.info.shape)})"
         elif t.info.shape[1] % BLOCK:
             kept_reasons[module] = f"in_features {t.info.shape[1]} is not a multiple of 16"
-            warnings.append(f"{module}: in_features {t.info.shape[1]} is not a multiple of 16; kept in {t.info.dtype}")
+            if not EXPERT_MODULE.match(module):  # experts: one warning for their whole layer, below
+                warnings.append(f"{module}: {kept_reasons[module]}; kept in {t.info.dtype}")
         else:
             candidates[module] = t
+    if conv1d:
+        dtype = linear_like[conv1d[0]].info.dtype
+        warnings.append(f"{len(conv1d)} Hugging Face Conv1D weights (e.g. {conv1d[0]}) stay {dtype}: they are stored "
+                        "[in, out] and engines transpose them at load, so NVFP4 blocks cannot run along their input "
+                        "dimension here")
 
     groups = fusion_groups(linear_like, recipe)
     for group in groups:  # a fused group is quantized whole or not at all
@@ -185,7 +196,12 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     units: list[Unit] = []
     emitted: set[str] = set()
     def shards_of(names) -> frozenset[str]:
-        return frozenset(tensors[r].shard for n in names for r in ([n, fp8[n].scale] if n in fp8 else [n]))
+        shards = set()
+        for n in names:
+            shards.add(tensors[n].shard)
+            if n in fp8:
+                shards.add(tensors[fp8[n].scale].shard)
+        return frozenset(shards)
 
     for name, t in tensors_out.items():
         module = _module(name)
@@ -201,8 +217,9 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
             dtype = "BF16" if name in fp8 else t.info.dtype
             units.append(Unit(kept=name, outputs=(OutTensor(name, dtype, t.info.shape),), sources=shards_of([name])))
 
-    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe)
-    for entry, clash in substring_clashes(exclude, engine_names(quantized, groups, recipe)).items():
+    served = engine_names(quantized, groups, recipe)
+    exclude = _exclude_modules(config, tensors_out, linear_like, quantized, groups, recipe, served)
+    for entry, clash in substring_clashes(exclude, served).items():
         warnings.append(f"exclusion {entry!r} is a substring of quantized module {clash!r}; vLLM may skip it")
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
                 shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
@@ -231,6 +248,19 @@ def fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[
     for m in parent:
         clusters.setdefault(find(m), []).append(m)
     return [tuple(sorted(c)) for c in clusters.values() if len(c) > 1]
+
+
+FUSED_EXPERTS = re.compile(r"\.experts\.[^.]+$")  # transformers 5's stacked experts, e.g. mlp.experts.gate_up_proj
+
+
+def _fused_expert_warnings(tensors: dict[str, SourceTensor]) -> list[str]:
+    """Stacked 3-D expert weights (``experts.gate_up_proj [E, 2I, H]``) are not quantized: say so."""
+    fused = [t for n, t in tensors.items() if len(t.info.shape) == 3 and FUSED_EXPERTS.search(n)]
+    if not fused:
+        return []
+    dtypes = "/".join(sorted({t.info.dtype for t in fused}))
+    return [f"{len(fused)} fused 3-D expert tensors (e.g. {fused[0].name} {list(fused[0].info.shape)}) are not "
+            f"quantized and stay {dtypes}; save the model with one Linear per expert to quantize its experts"]
 
 
 def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> None:
@@ -288,7 +318,7 @@ def substring_clashes(entries: list[str], names: list[str]) -> dict[str, str]:
     return clashes
 
 
-def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe) -> list[str]:
+def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe, served: list[str]) -> list[str]:
     """``exclude_modules`` as ModelOpt writes it (see :mod:`.exclusions`), fused aliases of kept groups included."""
     names = [m for m in linear_like if m not in quantized]
     if "lm_head.weight" not in tensors:
@@ -299,7 +329,7 @@ def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Re
             head = group[0].rpartition(".")[0]
             leaves = {m.rpartition(".")[2] for m in group}
             names.extend(f"{head}.{alias}" for members, alias in aliases.items() if leaves <= members)
-    return exclude_list(names, engine_names(quantized, groups, recipe), mtp_prefixes(config, linear_like))
+    return exclude_list(names, served, mtp_prefixes(config, linear_like))
 
 
 def _layout_shards(units: list[Unit], max_shard_size: int) -> list[OutputShard]:

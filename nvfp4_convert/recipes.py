@@ -31,7 +31,11 @@ class FuseRule:
 
 @dataclass(frozen=True)
 class Recipe:
-    """What to quantize (fnmatch patterns over module names), what to exclude, and what to fuse."""
+    """What to quantize (fnmatch patterns over module names), what to exclude, and what to fuse.
+
+    ``conv1d`` names modules stored as Hugging Face ``Conv1D`` (weight ``[in, out]``, transposed by engines at
+    load): they stay high precision, since NVFP4 blocks must run along ``in``.
+    """
 
     name: str
     quantize: tuple[str, ...]
@@ -40,10 +44,11 @@ class Recipe:
     description: str = ""
     model_types: tuple[str, ...] = ()
     source: str = ""
+    conv1d: tuple[str, ...] = ()
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def matches(self, kind: str, module: str) -> bool:
-        """Whether ``module`` matches one of the ``kind`` ("quantize" or "exclude") patterns."""
+        """Whether ``module`` matches one of the ``kind`` ("quantize", "exclude" or "conv1d") patterns."""
         regex = self._compiled.get(kind)
         if regex is None:
             patterns = getattr(self, kind)
@@ -53,7 +58,7 @@ class Recipe:
 
     def with_excludes(self, patterns: list[str]) -> Recipe:
         return Recipe(self.name, self.quantize, self.exclude + tuple(patterns), self.fuse, self.description,
-                      self.model_types, self.source)
+                      self.model_types, self.source, self.conv1d)
 
     def summary(self) -> dict:
         """A plain-data view (for fingerprints, reports and model cards)."""
@@ -62,6 +67,7 @@ class Recipe:
             "quantize": list(self.quantize),
             "exclude": list(self.exclude),
             "fuse": [{"members": list(r.members), "alias": r.alias} for r in self.fuse],
+            **({"conv1d": list(self.conv1d)} if self.conv1d else {}),
         }
 
 
@@ -83,10 +89,11 @@ def _load_raw(path: Path) -> dict:
 def _resolve(path: Path, config: dict, seen: tuple[str, ...] = ()) -> Recipe:
     raw = _load_raw(path)
     where = str(path)
-    unknown = set(raw) - {"name", "description", "model_types", "extends", "quantize", "exclude", "fuse"}
+    unknown = set(raw) - {"name", "description", "model_types", "extends", "quantize", "exclude", "fuse",
+                        "conv1d"}
     if unknown:
         raise ConvertError(f"unknown recipe keys {sorted(unknown)}", where=where,
-                           fix="Allowed: name, description, model_types, extends, quantize, exclude, fuse")
+                           fix="Allowed: name, description, model_types, extends, quantize, exclude, fuse, conv1d")
     base = None
     if raw.get("extends"):
         parent = recipes_dir() / f"{raw['extends']}.toml"
@@ -118,6 +125,7 @@ def _resolve(path: Path, config: dict, seen: tuple[str, ...] = ()) -> Recipe:
         description=raw.get("description", ""),
         model_types=tuple(raw.get("model_types", [])),
         source=where,
+        conv1d=(base.conv1d if base else ()) + patterns("conv1d"),
     )
 
 

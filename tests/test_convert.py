@@ -184,3 +184,60 @@ def test_cache_snapshot_of_links_converts(tiny, tmp_path):
         (snapshot / f.name).symlink_to(blobs / f.name)
     convert(str(snapshot), tmp_path / "out", progress=False)
     recompute_check(src, tmp_path / "out")
+
+
+def _reciprocal_arithmetic(w, ws2):
+    """An approximate backend's arithmetic (products with reciprocals, as FlashInfer's kernels do):
+    within tolerance on ordinary weights, garbage where the divisors are subnormal."""
+    from nvfp4_convert.kernels.reference import cast_e2m1
+
+    rows, k = w.shape
+    blocks = w.float().view(rows, -1, 16)
+    s = blocks.abs().amax(-1) * torch.reciprocal(ws2 * 6.0)
+    s = torch.where(s == 0, torch.ones_like(s), s).clamp(2**-9, 448).to(torch.float8_e4m3fn)
+    codes = cast_e2m1((blocks * torch.reciprocal(s.float() * ws2).unsqueeze(-1)).view(rows, k))
+    return (codes[:, 1::2] << 4) | codes[:, 0::2], s
+
+
+@pytest.mark.parametrize("amax", [1e-45, 1e-44, 1e-40, 2e-38, 1e-36, 3e-35])
+def test_denormal_dust_gives_a_valid_checkpoint_with_the_same_bytes_on_every_backend(tmp_path, amax, monkeypatch):
+    """A finite tensor whose max|W| is so small that amax/2688 is subnormal or 0 still gets a normal
+    global scale (its floor, 2^-126) and the same bytes whatever the backend, and verify accepts it."""
+    from nvfp4_convert import kernels
+    from nvfp4_convert.kernels.common import GLOBAL_SCALE_MIN
+    from nvfp4_convert.verify import verify
+
+    monkeypatch.setitem(kernels._REGISTRY, "approx", kernels.Backend(
+        name="approx", quantize=_reciprocal_arithmetic, amax=kernels.reference.amax, exact=False, device="cpu"))
+    g = torch.Generator().manual_seed(1)
+    tensors = {"model.layers.0.mlp.down_proj.weight": (torch.rand(32, 64, generator=g) * 2 - 1) * amax,
+               "model.layers.0.mlp.up_proj.weight": (torch.randn(32, 64, generator=g) * amax).to(torch.bfloat16)}
+    tensors["model.layers.0.mlp.down_proj.weight"][0, 0] = amax
+    src = _write_checkpoint(tmp_path / "src", tensors)
+    outputs = []
+    for backend in ("reference", "cpu", "approx"):
+        out = tmp_path / backend
+        convert(str(src), out, backend=backend, progress=False)
+        report = verify(out, source=str(src), progress=False)
+        assert report.ok, [v.line() for v in report.violations]
+        ws2 = load_all(out)["model.layers.0.mlp.down_proj.weight_scale_2"].item()
+        assert ws2 == max(GLOBAL_SCALE_MIN, torch.tensor(amax).item() * INV)
+        outputs.append({p.name: p.read_bytes() for p in out.glob("*.safetensors")})
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+INV = float.fromhex("0x1.861862p-12")
+
+
+def test_fused_3d_experts_are_kept_with_a_warning(tmp_path):
+    src = _write_checkpoint(tmp_path / "src", {
+        "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 64, 32, dtype=torch.bfloat16),
+        "model.layers.0.mlp.experts.down_proj": torch.randn(4, 32, 32, dtype=torch.bfloat16),
+        "model.layers.0.mlp.gate.weight": torch.randn(4, 32, dtype=torch.bfloat16),
+        "model.layers.0.self_attn.o_proj.weight": torch.randn(32, 32, dtype=torch.bfloat16),
+    })
+    lines = []
+    convert(str(src), tmp_path / "out", progress=False, log=lines.append)
+    warned = [line for line in lines if "fused 3-D expert tensors" in line]
+    assert len(warned) == 1 and warned[0].startswith("warning: 2 fused 3-D expert tensors") and "BF16" in warned[0]
+    recompute_check(src, tmp_path / "out")

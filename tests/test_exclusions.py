@@ -59,3 +59,20 @@ def test_vllm_rewrites_prefix_patterns():
     assert vllm_forms("model.layers.1.mlp.experts*") == ("model.layers.1.mlp.experts", "model.layers.1.mlp.experts.*")
     assert vllm_forms("model.layers.1.*") == ("model.layers.1.*",)
     assert vllm_forms("lm_head") == ("lm_head",)
+
+
+def test_matcher_agrees_with_fnmatch():
+    import fnmatch
+
+    from nvfp4_convert.exclusions import Matcher
+
+    patterns = ["lm_head", "model.layers.3*", "model.layers.1.mlp.experts.*", "*.mlp.gate",
+                "model.layers.[02].self_attn?q*"]
+    names = ["lm_head", "lm_head2", "model.layers.3", "model.layers.30.mlp.down_proj", "model.layers.1.mlp.experts",
+             "model.layers.1.mlp.experts.4.w1", "model.layers.7.mlp.gate", "model.layers.7.mlp.gate_proj",
+             "model.layers.2.self_attn.q_a_proj", "model.layers.1.self_attn.q_a_proj"]
+    matcher = Matcher(patterns)
+    for name in names:
+        want = next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
+        assert matcher.first(name) == want, name
+        assert matcher.matches(name) == (want is not None), name

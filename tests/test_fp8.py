@@ -201,3 +201,20 @@ def test_fp8_weight_without_fp8_config_is_refused(tmp_path):
     with pytest.raises(ConvertError, match="already quantized"):
         convert(str(folder), tmp_path / "out", progress=False)
     shutil.rmtree(folder)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("chunked", [False, True])
+def test_fp8_dequantized_on_the_gpu_equals_cpu(fp8_models, tmp_path, monkeypatch, chunked):
+    """FP8 weights go to the GPU as FP8 and are dequantized there: same bytes as on the CPU."""
+    from nvfp4_convert import pipeline
+
+    fp8, _ = fp8_models["deepseek_v3"]
+    convert(str(fp8), tmp_path / "cpu", backend="reference", max_shard_size="30KB", progress=False)
+    if chunked:  # nothing held whole: row chunks dequantized one at a time, on the host
+        monkeypatch.setattr(pipeline, "BUDGET_LARGEST", 0)
+        monkeypatch.setattr(pipeline, "MIN_BUDGET_BYTES", 0)
+    report = convert(str(fp8), tmp_path / "gpu", backend="triton", max_shard_size="30KB", progress=False)
+    assert report.backend == "triton"
+    assert snapshot(tmp_path / "gpu") == snapshot(tmp_path / "cpu")

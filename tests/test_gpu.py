@@ -70,6 +70,20 @@ def test_triton_amax_and_global_scale(dtype):
     assert ws2.item() == 1.0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("amax", [1e-45, 1e-44, 1e-40, 2e-38, 1e-36, 3e-35])
+def test_triton_denormal_dust_matches_reference(dtype, amax):
+    """Tensors whose global scale is floored at 2^-126: the same global scale and bytes as the reference."""
+    g = torch.Generator().manual_seed(5)
+    w = ((torch.rand(64, 256, generator=g) * 2 - 1) * amax).to(dtype)
+    ws2 = global_scale(reference.amax(w))
+    want = reference.quantize(w, ws2)
+    _assert_same(triton_kernel.quantize(w.cuda(), ws2), want)
+    packed, scales, got_ws2 = triton_kernel.quantize_device(w.cuda())
+    assert got_ws2.item() == ws2.item()
+    _assert_same((packed, scales), want)
+
+
 def test_triton_kernel_variants_agree_on_many_values(monkeypatch):
     """Packed compares vs FMA-corrected reciprocal vs tl.div_rn, hardware vs software E4M3 rounding, one
     program per SM (long persistent loops): the same bytes on 64M values."""

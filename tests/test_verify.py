@@ -182,6 +182,16 @@ def test_mismatched_fused_weight_scale_2(llama):
     assert line.endswith("(model.layers.0.self_attn)")
 
 
+@pytest.mark.parametrize("value, why", [(0.0, "expected a positive finite number"),
+                                        (1e-40, "below the smallest normal float32")])
+def test_zero_or_subnormal_weight_scale_2(llama, value, why):
+    _, out = llama
+    down = "model.layers.1.mlp.down_proj"
+    _poke(out, f"{down}.weight_scale_2", struct.pack("<f", value))
+    lines = _lines(verify(out, progress=False))
+    assert any(why in line and f"{down}.weight_scale_2" in line for line in lines), lines
+
+
 def test_missing_input_scale(llama):
     _, out = llama
     name = f"{K}.input_scale"

@@ -8,6 +8,10 @@ from pathlib import Path
 import torch
 
 KINDS = ("llama", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
+# Every family with a recipe; "qwen3_moe_k40" has experts 40 wide (down_proj K % 16 != 0), "qwen2_5_vl" is
+# saved with transformers-5 prefixes (model.language_model.*, model.visual.*).
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "phi3", "gemma2",
+            "gemma3_text", "glm4_moe", "qwen2_5_vl", "gpt2", "qwen3_moe_k40")
 
 
 def _config(kind: str):
@@ -16,6 +20,33 @@ def _config(kind: str):
     common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     if kind == "llama":
         return tf.LlamaConfig(intermediate_size=128, **common)
+    if kind == "mistral":
+        return tf.MistralConfig(intermediate_size=128, head_dim=16, **common)
+    if kind == "qwen2":
+        return tf.Qwen2Config(intermediate_size=128, **common)
+    if kind == "qwen3":
+        return tf.Qwen3Config(intermediate_size=128, head_dim=16, **common)
+    if kind == "phi3":
+        return tf.Phi3Config(intermediate_size=128, pad_token_id=0, **common)
+    if kind == "gemma2":
+        return tf.Gemma2Config(intermediate_size=128, head_dim=16, **common)
+    if kind == "gemma3_text":
+        return tf.Gemma3TextConfig(intermediate_size=128, head_dim=16, **common)
+    if kind == "glm4_moe":
+        return tf.Glm4MoeConfig(intermediate_size=128, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
+                                num_experts_per_tok=2, first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=16,
+                                **common)
+    if kind == "gpt2":
+        return tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                             eos_token_id=0)
+    if kind == "qwen2_5_vl":
+        text = dict(common, intermediate_size=128, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+        vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+                  "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1]}
+        return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    if kind == "qwen3_moe_k40":
+        return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=40, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=16, **common)
     if kind == "qwen2_moe":
         return tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                  num_experts=4, num_experts_per_tok=2, **common)
@@ -58,6 +89,22 @@ def _add_mtp_layer(model, path: Path) -> None:
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+def _rename(path: Path, prefixes: dict[str, str]) -> None:
+    """Rewrite every shard's tensor names by prefix (first match wins), index included."""
+    from safetensors.torch import load_file, save_file
+
+    def new(name: str) -> str:
+        return next((to + name[len(old):] for old, to in prefixes.items() if name.startswith(old)), name)
+
+    for shard in sorted(path.glob("*.safetensors")):
+        save_file({new(k): v for k, v in load_file(shard).items()}, shard, metadata={"format": "pt"})
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {new(k): v for k, v in data["weight_map"].items()}
+        index.write_text(json.dumps(data, indent=2))
+
+
 def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int = 0,
                dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False, mtp: bool = False) -> Path:
     """Save a random ``kind`` model to ``path`` with small shards so fused groups straddle shards.
@@ -68,7 +115,10 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
     torch.manual_seed(seed)
     config = _config(kind)
     config.tie_word_embeddings = tie_word_embeddings
-    model = tf.AutoModelForCausalLM.from_config(config).to(dtype)
+    if kind == "qwen2_5_vl":
+        model = tf.Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():  # random init gives tiny values in some layers; spread them a bit
         for p in model.parameters():
             if p.dim() == 2:
@@ -76,6 +126,8 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
     model.save_pretrained(path, max_shard_size=max_shard_size)
     if mtp:
         _add_mtp_layer(model, path)
+    if kind == "qwen2_5_vl":
+        _rename(path, {"model.": "model.language_model.", "visual.": "model.visual."})
     (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     (path / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
     return path

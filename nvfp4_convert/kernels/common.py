@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import BLOCK, E2M1_MAX, E4M3_MAX, SCALE_MIN
+from ..constants import BLOCK, E2M1_MAX, E4M3_MAX, GLOBAL_SCALE_MIN, SCALE_MIN
 from ..constants import E2M1_VALUES as _E2M1_VALUES
 
-__all__ = ["BLOCK", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "SCALE_MIN", "dequantize", "global_scale",
-           "grid_position", "pack_codes", "unpack_codes"]
+__all__ = ["BLOCK", "E2M1_MAX", "E2M1_VALUES", "E4M3_MAX", "GLOBAL_SCALE_MIN", "SCALE_MIN", "dequantize",
+           "global_scale", "grid_position", "is_dust", "pack_codes", "unpack_codes"]
 
 E2M1_VALUES = torch.tensor(_E2M1_VALUES)  # value of each 4-bit code, as a float32 lookup table
 
@@ -24,11 +24,19 @@ def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
     """``weight_scale_2`` (or ``input_scale``), float32 0-dim, for a group whose max|x| is ``amax``.
 
     The value ModelOpt's export writes on a GPU: ``amax * fl(1/2688)`` rounded once to float32, the same
-    on every device. An all-zero group would give 0 and then 0/0 block scales; it gets 1.0 instead, which
-    dequantizes the (all-zero) codes to exactly 0 as well. Stays on ``amax``'s device without a host sync.
+    on every device, but never below :data:`GLOBAL_SCALE_MIN`, so that it and its reciprocal are normal,
+    finite floats for every finite tensor. An all-zero group would give 0 and then 0/0 block scales; it
+    gets 1.0 instead, which dequantizes the (all-zero) codes to exactly 0 as well. Stays on ``amax``'s
+    device without a host sync.
     """
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    return torch.where(amax == 0, torch.ones_like(amax), amax * INV_GLOBAL)
+    return torch.where(amax == 0, torch.ones_like(amax), torch.clamp(amax * INV_GLOBAL, min=GLOBAL_SCALE_MIN))
+
+
+def is_dust(amax: torch.Tensor | float) -> bool:
+    """Whether a group whose max|x| is ``amax`` gets the floored global scale (non-zero, below ~3.2e-35)."""
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    return bool(amax > 0) and bool(amax * INV_GLOBAL < GLOBAL_SCALE_MIN)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import Backend
-from .common import BLOCK, INV_GLOBAL, global_scale
+from .common import BLOCK, GLOBAL_SCALE_MIN, INV_GLOBAL, global_scale
 
 try:
     import triton
@@ -45,6 +45,7 @@ _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 if triton is not None:
     _INV_GLOBAL = tl.constexpr(INV_GLOBAL)  # a float32 value, so the product is rounded once, as in common
+    _GLOBAL_SCALE_MIN = tl.constexpr(GLOBAL_SCALE_MIN)
 
     @triton.jit(do_not_specialize=["n"])  # one compiled kernel for every tensor size
     def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -273,8 +274,8 @@ if triton is not None:
         SIMD16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
         s_in = tl.load(scale_in_ptr)
-        if FROM_AMAX:  # common.global_scale: amax * fl(1/2688), or 1.0 for an all-zero tensor
-            ws2 = tl.where(s_in == 0.0, 1.0, s_in * _INV_GLOBAL)
+        if FROM_AMAX:  # common.global_scale: amax * fl(1/2688), at least 2^-126, or 1.0 for an all-zero tensor
+            ws2 = tl.where(s_in == 0.0, 1.0, tl.maximum(s_in * _INV_GLOBAL, _GLOBAL_SCALE_MIN))
         else:
             ws2 = s_in
         pid = tl.program_id(0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from ..configs import FP4_SCHEME
 from ..constants import (
     BLOCK,
     E4M3_MAX,
+    GLOBAL_SCALE_MIN,
     INPUT_SCALE,
     QUANTIZED_TENSORS,
     SCALAR_SUFFIXES,
@@ -22,8 +24,9 @@ from ..constants import (
     quantized_tensors,
 )
 from ..errors import ConvertError
+from ..exclusions import Matcher
 from ..kernels.common import unpack_codes
-from ..plan import EXPERT_MODULE, engine_names, fusion_groups
+from ..plan import EXPERT_MODULE, engine_names, fusion_groups, substring_clashes
 from ..recipes import load_recipe
 from ..safetensors_io import ShardHeader, TensorInfo, read_header, read_rows, read_tensor_bytes
 from ..sources.base import SAFETENSORS_INDEX, SINGLE_SHARD
@@ -49,11 +52,15 @@ class OutputChecker:
         self.modules: dict[str, str] = {}  # module -> "nvfp4" or "kept", for 2-D (or U8) weights
         self.scalars: dict[str, bytes] = {}  # name of a 0-dim F32 scale -> its 4 bytes
         self.recipe = None
+        self._fds: dict = {}  # shard -> open file, while scalars are read
 
     def run(self) -> None:
         self.check_configs()
         self.check_index()
-        self.check_tensors()
+        try:
+            self.check_tensors()
+        finally:
+            self.close_files()
         self.check_groups()
         self.check_exclusions()
         self.check_experts()
@@ -269,6 +276,11 @@ class OutputChecker:
             self._scan_codes(module)
             self._scan_block_scales(module, n, k // BLOCK)
 
+    def close_files(self) -> None:
+        for f in self._fds.values():
+            f.close()
+        self._fds.clear()
+
     def read(self, name: str, start: int = 0, stop: int | None = None) -> bytearray:
         """Bytes ``[start, stop)`` of output tensor ``name``."""
         shard, _ = self.tensors[name]
@@ -281,11 +293,18 @@ class OutputChecker:
 
     def _check_scalar(self, name: str) -> None:
         self.report.checked["scalars"] += 1
-        raw = bytes(self.read(name))
+        shard, info = self.tensors[name]
+        if shard not in self._fds:  # one open file per shard: a checkpoint holds ~10^5 scalars
+            self._fds[shard] = open(self.out / shard, "rb")  # noqa: SIM115 - closed by close_files()
+        f = self._fds[shard]
+        f.seek(self.headers[shard].data_start + info.data_offsets[0])
+        raw = f.read(4)
         self.scalars[name] = raw
-        value = torch.frombuffer(bytearray(raw), dtype=torch.float32).item()
+        value = struct.unpack("<f", raw)[0] if len(raw) == 4 else math.nan
         if not math.isfinite(value) or value <= 0:
             self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, expected a positive finite number", name)
+        elif value < GLOBAL_SCALE_MIN:  # engines take its reciprocal, which would be inf
+            self.report.add("scalars", f"{name.rpartition('.')[2]} is {value}, below the smallest normal float32", name)
 
     def _scan_codes(self, module: str) -> None:
         name = f"{module}.weight"
@@ -362,18 +381,25 @@ class OutputChecker:
         engine = set(r.quantized)
         if self.recipe is not None:  # fused names too, as engines see them (e.g. qkv_proj)
             engine.update(engine_names(dict.fromkeys(r.quantized), [g for g in r.groups if len(g) > 1], self.recipe))
+        engine_sorted = sorted(engine)
+        matcher = Matcher(self.exclude)
+        hits: dict[str, str] = {}  # entry -> first quantized name it matches
+        for m in engine_sorted:
+            if matcher.matches(m):  # rare: only then is each entry tried
+                for entry in self.exclude:
+                    if entry not in hits and (m == entry or fnmatch.fnmatchcase(m, entry)):
+                        hits[entry] = m
+        clashes = substring_clashes([e for e in self.exclude if e not in hits], engine_sorted)
         for entry in self.exclude:
             r.checked["exclusions"] += 1
-            hit = next((m for m in sorted(engine) if m == entry or fnmatch.fnmatchcase(m, entry)), None)
-            if hit is not None:
-                r.add("exclusions", f"{hit} is listed in exclude_modules ({entry!r}) but quantized", "exclude_modules")
-                continue
-            clash = next((m for m in sorted(engine) if "*" not in entry and entry in m), None)
-            if clash is not None:
-                r.add("exclusions", f"exclusion {entry!r} is a substring of quantized {clash}; vLLM would skip it",
+            if entry in hits:
+                r.add("exclusions", f"{hits[entry]} is listed in exclude_modules ({entry!r}) but quantized",
                       "exclude_modules")
+            elif entry in clashes:
+                r.add("exclusions", f"exclusion {entry!r} is a substring of quantized {clashes[entry]}; vLLM would "
+                      "skip it", "exclude_modules")
         for module, kind in sorted(self.modules.items()):
-            if kind == "kept" and not any(module == e or fnmatch.fnmatchcase(module, e) for e in self.exclude):
+            if kind == "kept" and not matcher.matches(module):
                 r.add("exclusions", f"{module} is not quantized but not in exclude_modules; engines would expect "
                       "NVFP4 tensors", "exclude_modules")
 

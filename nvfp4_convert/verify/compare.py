@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..constants import SCALE_SUFFIXES
-from ..kernels.common import BLOCK, dequantize, grid_position, unpack_codes
+from ..kernels.common import BLOCK, dequantize, grid_position, is_dust, unpack_codes
 from ..kernels.reference import cast_e2m1
 from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
 from ..sources import open_source
@@ -48,6 +48,7 @@ class LayerError:
     rel_rms: float
     max_code_distance: int  # E2M1 grid steps between a stored code and the rounding of the source value
     outlier: str | None = None
+    dust: bool = False  # max|W| below what NVFP4's smallest global scale resolves: (almost) all codes are 0
 
 
 @dataclass
@@ -111,7 +112,7 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
 
 def sqnr_stats(layers: list[LayerError]) -> tuple[float, float] | None:
     """``(median, min)`` SQNR in dB over ``layers``, or None if there are none."""
-    values = [x.sqnr_db for x in layers if not math.isnan(x.sqnr_db)]
+    values = [x.sqnr_db for x in layers if not math.isnan(x.sqnr_db) and not x.dust]
     return (statistics.median(values), min(values)) if values else None
 
 
@@ -120,7 +121,7 @@ def flag_outliers(layers: list[LayerError]) -> None:
     stats = sqnr_stats(layers)
     median = stats[0] if stats else math.nan
     for layer in layers:
-        if layer.outlier is not None:
+        if layer.outlier is not None or layer.dust:
             continue
         if math.isnan(layer.sqnr_db):
             layer.outlier = "dequantizes to NaN or Inf"
@@ -161,7 +162,7 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
     if scale is None or scale[1].shape != (n, k // BLOCK) or ws2_entry is None or ws2_entry[1].nbytes != 4:
         return  # malformed, reported by the layout check
     ws2 = torch.frombuffer(output.read(f"{module}.weight_scale_2"), dtype=torch.float32).reshape(())
-    signal = error = 0.0
+    signal = error = amax = 0.0
     worst, worst_at = 0, (0, 0)
     step = max(1, COMPARE_BYTES // (k * 4))
     for r0 in range(0, n, step):
@@ -169,13 +170,15 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
         w = read_rows(path, header, info.name, r0, r1).float()
         packed, scales = output.rows(f"{module}.weight", r0, r1), output.rows(f"{module}.weight_scale", r0, r1)
         signal += float((w.double() ** 2).sum())
+        amax = max(amax, float(w.abs().max()) if w.numel() else 0.0)
         error += float(((w - dequantize(packed, scales, ws2)).double() ** 2).sum())
         distance = _code_distance(w, packed, scales, ws2)
         if int(distance.max()) > worst:
             worst, flat = int(distance.max()), int(distance.argmax())
             worst_at = (r0 + flat // k, flat % k)
     rel = math.sqrt(error / signal) if signal > 0 else (0.0 if error == 0 else math.inf)
-    layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst)
+    layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst,
+                       dust=is_dust(amax))
     if worst > 1:
         layer.outlier = (f"a code is {worst} E2M1 steps from the rounding of the source value "
                          f"(row {worst_at[0]}, column {worst_at[1]})")
