@@ -15,6 +15,7 @@ from .errors import ConvertError
 from .kernels import Backend
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
 from .plan import Plan, build_plan, check_not_quantized
+from .publish import MODEL_CARD, card_license
 from .recipes import Recipe, load_recipe
 from .report import Report
 from .safetensors_io import TORCH_DTYPES
@@ -119,7 +120,9 @@ def convert(
         if dry_run:
             return report
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
+        checking = time.perf_counter()
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
+        report.check_seconds = time.perf_counter() - checking
         report.backend, report.backend_reason = chosen.name, reason
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size)
         copied = _copied_files(source)
@@ -131,7 +134,8 @@ def convert(
             copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
         report.seconds = time.perf_counter() - started
-        output.mark_complete(conversion_info(report, source_revision=source.revision, command=command))
+        info = conversion_info(report, source_revision=source.revision, command=command)
+        output.mark_complete({**info, "license": _source_license(source)})
         return report
     finally:
         if output is not None:
@@ -215,9 +219,19 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
 
 
 def _copied_files(source: Source) -> list[str]:
-    """The source's non-weight files that go into the output as they are (tokenizer, card, license, ...)."""
+    """The source's non-weight files that go into the output as they are (tokenizer, license, ...).
+
+    Not its model card: that describes the source model; ``push`` writes the checkpoint's own.
+    """
     return [name for name in source.files
-            if name not in _REWRITTEN and not name.endswith(_NOT_COPIED_SUFFIXES) and not name.startswith(STATE_DIR)]
+            if name not in _REWRITTEN and name != MODEL_CARD and not name.endswith(_NOT_COPIED_SUFFIXES)
+            and not name.startswith(STATE_DIR)]
+
+
+def _source_license(source: Source) -> dict[str, str]:
+    """The license fields of the source's model card, for the checkpoint's own card."""
+    return card_license(source.fetch_file(MODEL_CARD).read_text(encoding="utf-8", errors="replace")) \
+        if MODEL_CARD in source.files else {}
 
 
 def _shard_sources(source: Source, plan: Plan) -> dict[str, dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from huggingface_hub import ModelCard
@@ -116,3 +117,17 @@ def test_push_refuses_an_unfinished_output(fake_hub, tmp_path):
     with pytest.raises(ConvertError, match="not a finished conversion"):
         push(tmp_path, "me/nothing", endpoint=fake_hub.url)
     assert fake_hub.requests == []
+
+
+def test_card_is_written_once_and_only_after_a_successful_upload(fake_hub, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    convert(str(tiny_llama), out, backend="reference", progress=False)
+    assert not (out / "README.md").exists()  # the source card describes the BF16 model: not copied
+    before = _files(out)
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import httpx
+
+    with mock.patch.object(HfApi, "upload_folder", side_effect=httpx.ConnectError("connection dropped")):
+        with pytest.raises(ConvertError, match="cannot reach the Hub"):
+            push(out, "me/unreachable", endpoint=fake_hub.url)
+    assert _files(out) == before
