@@ -99,9 +99,9 @@ def convert(
         ConvertError: for bad input, with what went wrong, where, and what to do.
     """
     started = time.perf_counter()
-    if threads is not None and threads < 1:
-        raise ConvertError(f"cannot use {threads} threads", where="--threads",
-                           fix="Give 1 or more, or leave it out to use every core")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096):
+        raise ConvertError(f"--threads must be a whole number from 1 to 4096, not {threads!r}", where="--threads",
+                           fix="Pass a positive thread count, or leave it out to use every core")
     source = open_source(src, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir,
                          keep_source=keep_source)
     output = None

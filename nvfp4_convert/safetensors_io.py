@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -61,6 +62,32 @@ class ShardHeader:
     file_size: int
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # how a (possibly lone) surrogate is written in JSON
+
+
+def is_valid_unicode(doc) -> bool:
+    """Whether every string in a parsed JSON document encodes to UTF-8 (JSON can spell lone surrogates)."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_json(path: Path, *, filename: str, where: str, fix: str):
+    """Parse a small JSON file (config, index) or raise one ConvertError line saying what is wrong with it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        doc = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConvertError(f"{filename} is not valid JSON ({exc})", where=where, fix=fix) from None
+    except RecursionError:
+        raise ConvertError(f"{filename} is not valid JSON (nested too deeply)", where=where, fix=fix) from None
+    if "\\u" in text and not is_valid_unicode(doc):
+        raise ConvertError(f"{filename} holds text that is not valid Unicode (a lone surrogate)", where=where, fix=fix)
+    return doc
+
+
 def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
     """Check and parse the JSON header bytes (without the 8-byte length prefix) of ``filename``."""
     where = filename
@@ -82,8 +109,12 @@ def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
         doc = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad(f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad("JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise bad("not a JSON object")
+    if _SURROGATE_ESCAPE.search(raw) and not is_valid_unicode(doc):
+        raise bad("a name or value is not valid Unicode (a lone surrogate)")
     metadata = doc.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict):
         raise bad("__metadata__ is not an object")
@@ -91,18 +122,20 @@ def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
     data_len = file_size - data_start
     tensors: dict[str, TensorInfo] = {}
     for name, entry in doc.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry for {name!r} lacks dtype/shape/data_offsets") from None
+        dtype, shape, offsets = (entry.get(k) for k in ("dtype", "shape", "data_offsets")) if isinstance(entry, dict) \
+            else (None, None, None)
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+            raise bad(f"entry for {name!r} lacks a string dtype, a list shape or list data_offsets")
         if dtype not in DTYPE_SIZES:
             raise ConvertError(f"tensor {name!r} has unsupported dtype {dtype}", where=where,
                                fix="Only standard safetensors dtypes can be converted")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not (0 <= begin <= end):
-            raise bad(f"bad shape or offsets for {name!r}")
+        if not all(type(d) is int and 0 <= d < 2**63 for d in shape) or len(offsets) != 2 or \
+                not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]:
+            raise bad(f"bad shape or offsets for {name!r} (they must be non-negative integers)")
+        begin, end = offsets
         if end - begin != math.prod(shape) * DTYPE_SIZES[dtype]:
             raise bad(f"{name!r} is {dtype}{list(shape)} but its offsets span {end - begin} bytes")
-        tensors[name] = TensorInfo(name, dtype, shape, (begin, end))
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), (begin, end))
     cursor = 0
     for info in sorted(tensors.values(), key=lambda t: t.data_offsets):
         if info.data_offsets[0] != cursor:

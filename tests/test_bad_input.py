@@ -173,3 +173,66 @@ def test_debug_shows_traceback(tmp_path):
     assert isinstance(plain.exception, SystemExit)  # handled: no traceback
     debug = runner.invoke(app, [*args, "--debug"])
     assert isinstance(debug.exception, ConvertError) and "no such folder" in str(debug.exception)
+
+
+def _with_header(folder, header: dict | bytes, data: bytes = b"\0" * 64):
+    """A checkpoint whose only shard has exactly this JSON header (and ``data`` after it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return folder
+
+
+W = "model.layers.0.mlp.down_proj.weight"
+HEADERS = {
+    "nested": b"[" * 100_000 + b"]" * 100_000,
+    "nested-entry": b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "entry-not-object": {W: [1, 2, 3]},
+    "dtype-list": {W: {"dtype": ["BF16"], "shape": [16, 2], "data_offsets": [0, 64]}},
+    "dtype-number": {W: {"dtype": 7, "shape": [16, 2], "data_offsets": [0, 64]}},
+    "shape-string": {W: {"dtype": "BF16", "shape": "16x2", "data_offsets": [0, 64]}},
+    "shape-floats": {W: {"dtype": "BF16", "shape": [16.0, 2.0], "data_offsets": [0, 64]}},
+    "shape-bools": {W: {"dtype": "U8", "shape": [True, 64], "data_offsets": [0, 64]}},
+    "shape-huge-with-zero": {W: {"dtype": "BF16", "shape": [0, 2**70], "data_offsets": [0, 0]}, "b": {
+        "dtype": "U8", "shape": [64], "data_offsets": [0, 64]}},
+    "offsets-strings": {W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": ["0", "64"]}},
+    "offsets-floats": {W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0.0, 64.0]}},
+    "offsets-three": {W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 32, 64]}},
+    "offsets-object": {W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": {"0": 64}}},
+    "metadata-list": {"__metadata__": [1], W: {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}},
+    "lone-surrogate-name": b'{"model.layers.0.\\ud800.weight": '
+                           b'{"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}}',
+    "lone-surrogate-metadata": b'{"__metadata__": {"format": "\\udfff"}, "' + W.encode() +
+                               b'": {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}}',
+}
+
+
+@pytest.mark.parametrize("header", HEADERS.values(), ids=HEADERS.keys())
+def test_malformed_header_types(tmp_path, header):
+    result = run(_with_header(tmp_path / "src", header), tmp_path / "out")
+    assert_one_line_error(result, "model.safetensors")
+    assert not (tmp_path / "out" / "config.json").exists()
+
+
+def test_valid_surrogate_pair_in_a_name_is_fine(tmp_path):
+    header = b'{"model.layers.0.\\ud83d\\ude00.weight": {"dtype": "BF16", "shape": [16, 2], "data_offsets": [0, 64]}}'
+    result = run(_with_header(tmp_path / "src", header), tmp_path / "out")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("name, text", [
+    ("config.json", "[" * 100_000 + "]" * 100_000),
+    ("config.json", '{"model_type": "llama", "x": "\\ud800"}'),
+    ("model.safetensors.index.json", '{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    ("model.safetensors.index.json", '{"weight_map": {"\\udc00": "model.safetensors"}}'),
+], ids=["config-nested", "config-surrogate", "index-nested", "index-surrogate"])
+def test_malformed_config_and_index(tmp_path, name, text):
+    src = checkpoint(tmp_path / "src")
+    (src / name).write_text(text)
+    assert_one_line_error(run(src, tmp_path / "out"), name)
+
+
+@pytest.mark.parametrize("threads", ["-1", "0", "100000"])
+def test_bad_threads(tmp_path, threads):
+    assert_one_line_error(run(checkpoint(tmp_path / "src"), tmp_path / "out", "--threads", threads), "--threads")

@@ -134,7 +134,7 @@ def test_bench_plot_without_matplotlib_fails_before_timing(monkeypatch, tmp_path
 def test_library_rejects_bad_thread_count(tmp_path):
     from nvfp4_convert import ConvertError, convert
 
-    with pytest.raises(ConvertError, match="cannot use -1 threads"):
+    with pytest.raises(ConvertError, match="--threads must be a whole number"):
         convert("org/model", tmp_path, threads=-1)
 
 

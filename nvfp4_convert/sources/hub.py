@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import threading
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConvertError
 from ..hub_errors import hub_errors
-from ..safetensors_io import header_length, parse_header, read_header
+from ..safetensors_io import header_length, load_json, parse_header, read_header
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
@@ -112,11 +111,8 @@ class HubSource:
 
     def read_json(self, filename: str) -> dict:
         path = self.fetch_file(filename)
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConvertError(f"{filename} is not valid JSON ({exc})", where=self.description,
-                               fix="Fix the file in the repo or pick another revision") from None
+        return load_json(path, filename=filename, where=self.description,
+                         fix="Fix the file in the repo or pick another revision")
 
     def headers(self) -> dict[str, ShardHeader]:
         """Every shard's header, read with HTTP range requests (no tensor data is downloaded)."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import ConvertError
-from ..safetensors_io import read_header, sampled_digest
+from ..safetensors_io import load_json, read_header, sampled_digest
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 
@@ -43,11 +42,7 @@ class LocalSource:
         if not path.is_file():
             raise ConvertError(f"{filename} is missing", where=self.description,
                                fix="A Hugging Face checkpoint folder needs config.json")
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConvertError(f"{filename} is not valid JSON ({exc})", where=self.description,
-                               fix="Fix or re-download the file") from None
+        return load_json(path, filename=filename, where=self.description, fix="Fix or re-download the file")
 
     def fetch_file(self, filename: str) -> Path:
         return self._path(filename)
