@@ -24,6 +24,11 @@ from huggingface_hub.utils import httpx
 
 from .errors import ConvertError
 
+
+class HubUnreachable(ConvertError):
+    """The Hub did not answer (network down, wrong endpoint, time-out): the cache may still serve."""
+
+
 TOKEN_FIX = "Accept the model's terms on its Hub page if it is gated, then pass --token or set HF_TOKEN"
 
 
@@ -60,7 +65,7 @@ def hub_errors(repo_id: str, *, where: str | None = None, endpoint: str | None =
                            fix="Unset HF_HUB_OFFLINE" if upload else
                            "Unset HF_HUB_OFFLINE, or download the model into the Hugging Face cache first") from None
     except (httpx.TransportError, LocalEntryNotFoundError) as exc:  # the latter: HEAD failed, nothing cached
-        raise ConvertError(f"cannot reach the Hub ({type(exc).__name__})", where=endpoint or where,
+        raise HubUnreachable(f"cannot reach the Hub ({type(exc).__name__})", where=endpoint or where,
                            fix=f"Check the network connection or --endpoint, {again}") from None
     except RemoteEntryNotFoundError:
         raise ConvertError("file not found in the repo", where=where,

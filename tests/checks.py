@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from nvfp4_convert.kernels import reference
 from nvfp4_convert.kernels.common import global_scale
+from nvfp4_convert.output import STATE_DIR
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -70,3 +71,9 @@ def recompute_check(src: Path, out: Path, *, weight_only: bool = False) -> dict:
         module = name[: -len(".weight")]
         assert name in result or module in quantized, f"{name} was dropped"
     return {"quantized": quantized, "groups": [g for g in groups.values() if len(g) > 1]}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of the checkpoint (the hidden resume record, which names the output path, aside)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and STATE_DIR not in p.parts}

@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checks import load_all, recompute_check
+from checks import load_all, recompute_check, snapshot
 from nvfp4_convert import ConvertError, convert
-from test_resume import snapshot
 from tiny_models import _load, _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
 
 

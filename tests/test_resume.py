@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from checks import snapshot
 from nvfp4_convert import ConvertError, convert
-from nvfp4_convert.output import STATE_DIR, read_conversion_info
+from nvfp4_convert.output import read_conversion_info
 
 # Runs the CLI in a child process that SIGKILLs itself on the N-th call of one internal function.
 KILLER = """
@@ -41,12 +42,6 @@ def run_cli(args, *, kill=None):
     code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else plain
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file of the checkpoint (the hidden resume record, which names the output path, aside)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and STATE_DIR not in p.parts}
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_url
+from huggingface_hub import HfApi, constants, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils.sha import sha_fileobj
 from tqdm.auto import tqdm
@@ -53,11 +53,19 @@ class _QuietBar:
         pass
 
 
+def cached_file(repo_id: str, filename: str, *, revision: str) -> Path | None:
+    """``filename`` of ``repo_id`` at commit ``revision`` in the Hugging Face cache, if it is there."""
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
 class HubSource:
     """A Hub repo pinned to one commit; shards are downloaded into ``work_dir`` on demand and deleted on release.
 
-    At most one download runs at a time: the shard being acquired or the one prefetched ahead, so the
-    disk holds the shards currently acquired plus at most one more.
+    Files of that commit already in the Hugging Face cache (``HF_HUB_CACHE``) are read there, in place,
+    and never deleted: only what is missing is downloaded. At most one download runs at a time: the shard
+    being acquired or the one prefetched ahead, so ``work_dir`` holds the shards currently acquired plus
+    at most one more.
     """
 
     def __init__(self, repo_id: str, *, revision: str | None = None, token: str | None = None,
@@ -80,6 +88,7 @@ class HubSource:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-download")
         self._pending: dict[str, Future[Path]] = {}  # submitted, not acquired yet
         self._held: dict[str, Path] = {}  # acquired, not released yet
+        self._cached: set[str] = set()  # read from the Hugging Face cache, never deleted
         self._stop = threading.Event()
         self._bar: tqdm | None = None
         self._headers: dict[str, ShardHeader] | None = None
@@ -105,6 +114,8 @@ class HubSource:
             raise ConvertError(f"{filename} is missing", where=self.description,
                                fix="A Hugging Face checkpoint repo needs config.json" if filename == "config.json"
                                else "The file is not in this revision of the repo")
+        if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
+            return cached
         with self._hub_errors(filename):
             return Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
                                                   local_dir=self.work_dir / _METADATA_DIR, tqdm_class=_QuietBar))
@@ -122,6 +133,8 @@ class HubSource:
         return self._headers
 
     def _remote_header(self, filename: str) -> ShardHeader:
+        if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
+            return read_header(cached, filename=filename)
         size = self._siblings[filename].size or 0
         url = hf_hub_url(self.repo_id, filename, revision=self.revision, endpoint=self._api.endpoint)
         with self._hub_errors(filename):
@@ -183,7 +196,11 @@ class HubSource:
             raise ValueError(f"{filename!r} is not a weight shard of {self.description}")
 
     def _download(self, filename: str) -> Path:
-        """Runs on the download thread: fetch ``filename`` into work_dir and verify it."""
+        """Runs on the download thread: fetch ``filename`` into work_dir (unless cached) and verify it."""
+        if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
+            self._cached.add(filename)
+            self._verify(filename, cached)
+            return cached
         with self._hub_errors(filename):
             path = Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
                                                   local_dir=self.work_dir, tqdm_class=self._bar_class()))
@@ -196,7 +213,9 @@ class HubSource:
 
     def _verify(self, filename: str, path: Path) -> None:
         lfs = self._siblings[filename].lfs
-        if lfs is not None:  # weights are always LFS on the Hub; a plain git file has only a sha1 we skip
+        if lfs is not None and path.resolve().name == lfs.sha256:
+            pass  # a cache blob is named by its sha256, checked by huggingface_hub when it was stored
+        elif lfs is not None:  # weights are always LFS on the Hub; a plain git file has only a sha1 we skip
             with open(path, "rb") as f:
                 actual = sha_fileobj(f).hex()
             if actual != lfs.sha256:
@@ -208,6 +227,8 @@ class HubSource:
                                where=f"{self.description}/{filename}", fix="Re-run the conversion")
 
     def _delete(self, filename: str) -> None:
+        if filename in self._cached:
+            return  # the Hugging Face cache's own copy
         (self.work_dir / filename).unlink(missing_ok=True)
         meta = self.work_dir / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
         meta.unlink(missing_ok=True)
