@@ -257,6 +257,8 @@ def run_bench(
         where = f"cuda: {torch.cuda.get_device_name()}, device-to-device copy {copy_bw / 1e12:.2f} TB/s"
     out(f"nvfp4 quantize benchmark: {where}; dtype {_dtype_name(torch_dtype)}; amax + quantize per call; "
         f"median of {repeats} (reference: {REFERENCE_REPEATS if device == 'cpu' else repeats})")
+    for backend in [kernels.get_backend("reference"), *chosen]:
+        out(f"  {backend.name}: {backend.description}")
 
     results: list[dict] = []
     for seed, (rows, cols) in enumerate(shapes):
