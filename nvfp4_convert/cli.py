@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from . import __version__
+from . import __version__, calibration
 from .errors import ConvertError
 
 EXIT_OK, EXIT_VIOLATIONS, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -138,6 +138,17 @@ def convert(
     dry_run: Annotated[bool, _flag("--dry-run", help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, _flag("--overwrite", help="Replace a previous conversion in OUT.")] = False,
     progress: ProgressOpt = True,
+    calibrate: Annotated[str | None, typer.Option(
+        metavar="DATA", help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id "
+                             "(gives real input_scales).")] = None,
+    calib_samples: Annotated[int, typer.Option(
+        metavar="N", help="With --calibrate: number of samples.")] = calibration.SAMPLES,
+    calib_seq_len: Annotated[int, typer.Option(
+        metavar="N", help="With --calibrate: tokens per sample.")] = calibration.SEQ_LEN,
+    calib_column: Annotated[str | None, typer.Option(
+        metavar="NAME", help="With --calibrate: text column of .jsonl/.parquet/Hub data (default: text).")] = None,
+    calib_split: Annotated[str | None, typer.Option(
+        metavar="NAME", help="With --calibrate: Hub dataset split (default: train).")] = None,
     push_to_hub: Annotated[str | None, typer.Option(
         metavar="REPO", help="After converting, verify OUT and upload it to this Hub repo.")] = None,
     private: PrivateOpt = False,
@@ -153,7 +164,8 @@ def convert(
         src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
         recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
         backend=backend, exact=exact, threads=threads, dry_run=dry_run, overwrite=overwrite, progress=progress,
-        command=_command_line(), log=lambda line: typer.echo(line, err=True),
+        calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
+        calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
     )
     typer.echo(report.format_plan() if dry_run else report.format_summary())
     if push_to_hub and dry_run:

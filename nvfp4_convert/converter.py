@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, pipeline
+from . import __version__, calibration, pipeline
 from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .kernels import Backend
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
-from .plan import Plan, build_plan, check_not_quantized
+from .plan import EXPERT_MODULE, Plan, build_plan, check_not_quantized
 from .publish import MODEL_CARD, card_license
 from .recipes import Recipe, load_recipe
 from .report import Report
@@ -41,9 +41,12 @@ def parse_size(text: str | int) -> int:
     raise ConvertError(f"cannot read size {text!r}", where="--max-shard-size", fix="Use e.g. 5GB, 500MB or 100KB")
 
 
-def activation_policy(weight_only: bool) -> str:
+def activation_policy(weight_only: bool, calibration: dict | None = None) -> str:
     if weight_only:
         return "weight-only (W4A16_NVFP4): no input_scale; activations stay 16-bit"
+    if calibration:
+        return (f"W4A4 (NVFP4), calibrated: input_scale = max|x| / (6 * 448) per fused group, from "
+                f"{calibration['samples']} x {calibration['seq_len']} tokens of {calibration['dataset']}")
     return "W4A4 (NVFP4), data-free: input_scale = 1.0 for every quantized Linear (no calibration)"
 
 
@@ -66,6 +69,11 @@ def convert(
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    calibrate: str | None = None,
+    calib_samples: int = calibration.SAMPLES,
+    calib_seq_len: int = calibration.SEQ_LEN,
+    calib_column: str | None = None,
+    calib_split: str | None = None,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Report:
@@ -89,6 +97,10 @@ def convert(
         dry_run: plan only; write nothing.
         overwrite: replace an output folder that holds something else.
         progress: show progress bars.
+        calibrate: calibration text (a .txt/.jsonl/.parquet file or a Hub dataset id): real ``input_scale``s
+            from activation statistics collected one decoder layer at a time (default: data-free).
+        calib_samples, calib_seq_len: how many samples of how many tokens to calibrate on.
+        calib_column, calib_split: the text column (default ``text``) and Hub split (default ``train``).
         command: the command line that asked for this (recorded for the model card; must hold no token).
         log: where human-readable lines go.
 
@@ -117,6 +129,12 @@ def convert(
                         activation_policy=activation_policy(weight_only), dry_run=dry_run)
         for warning in plan.warnings:
             log(f"warning: {warning}")
+        data = None
+        if calibrate:
+            data = _calibration_data(source, calibrate, samples=calib_samples, seq_len=calib_seq_len,
+                                     column=calib_column, split=calib_split, endpoint=endpoint, token=token)
+            report.calibration = calibration_info(data)
+            report.activation_policy = activation_policy(weight_only, report.calibration)
         if dry_run:
             return report
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
@@ -124,12 +142,13 @@ def convert(
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
         report.check_seconds = time.perf_counter() - checking
         report.backend, report.backend_reason = chosen.name, reason
-        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size)
+        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size,
+                                   calibration=data.fingerprint() if data is not None else None)
         copied = _copied_files(source)
         files = [*(s.filename for s in plan.shards), *copied, *sorted(_REWRITTEN)]
         output = OutputDir(Path(out), fingerprint=fingerprint, files=files, sources=_shard_sources(source, plan),
                            overwrite=overwrite, log=log)
-        _write_shards(source, plan, output, chosen, report, progress=progress)
+        _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log)
         for name in copied:
             copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
@@ -160,6 +179,7 @@ def conversion_info(report: Report, *, source_revision: str | None, command: str
         "exclude_modules": plan.exclude_modules,
         "bytes_in": plan.bytes_in,
         "bytes_out": plan.bytes_out,
+        "calibration": report.calibration,
     }
 
 
@@ -192,7 +212,7 @@ def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
 
 
 def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool,
-                 shard_size: int) -> str:
+                 shard_size: int, *, calibration: str | None = None) -> str:
     import hashlib
     import json
 
@@ -204,18 +224,66 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, w
         "max_shard_size": shard_size,
         "numerics": "exact" if backend.exact else backend.name,
     }
+    if calibration is not None:
+        doc["calibration"] = calibration  # sha256 of the calibration token ids
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *,
-                  progress: bool) -> None:
+                  progress: bool, config: dict, data=None, log: Callable[[str], None] = print) -> None:
     todo = []
     for shard in plan.shards:
         if output.finished(shard.filename):
             report.skipped_shards.append(shard.filename)
         else:
             todo.append(shard)
-    pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress)
+    scales = None
+    if data is not None and todo and not plan.weight_only:
+        scales = _calibrated_input_scales(source, plan, config, data, output, progress=progress, log=log)
+    pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress,
+                 input_scales=scales)
+
+
+def _calibration_data(source: Source, dataset: str, *, samples: int, seq_len: int, column: str | None,
+                      split: str | None, endpoint: str | None, token: str | None):
+    from .calibration.data import load_calibration_data, load_tokenizer
+    from .calibration.layers import build_skeleton
+
+    build_skeleton(source.read_json("config.json"), dtype=torch.bfloat16, where=source.description)  # fail early
+    tokenizer = load_tokenizer(source, where=source.description)
+    return load_calibration_data(dataset, tokenizer=tokenizer, samples=samples, seq_len=seq_len, column=column,
+                                 split=split, endpoint=endpoint, token=token)
+
+
+def calibration_info(data) -> dict:
+    """What the model card says about calibration."""
+    return {"dataset": data.dataset, "split": data.split, "column": data.column, "samples": data.samples,
+            "seq_len": data.seq_len, "method": calibration.METHOD}
+
+
+def _calibrated_input_scales(source: Source, plan: Plan, config: dict, data, output: OutputDir, *, progress: bool,
+                             log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    from .calibration.collect import collect_statistics, stats_summary
+    from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
+
+    stats = collect_statistics(source=source, plan=plan, config=config, data=data,
+                               state_dir=output.path / STATE_DIR / "calibration", state_key=output.fingerprint,
+                               progress=progress, log=log)
+    amax, unreached = calibrated_amax(plan, stats)
+    log(f"calibration: {stats_summary(stats)}")
+    experts = [m for m in unreached if EXPERT_MODULE.match(m)]
+    others = [m for m in unreached if not EXPERT_MODULE.match(m)]
+    if experts:
+        log(f"calibration: {len(experts)} MoE experts got no token; they share their layer's maximum "
+            f"(as ModelOpt does), e.g. {experts[0]}")
+    if others:
+        log(f"warning: calibration never reached {len(others)} quantized Linears (input_scale from max|x| = 6), "
+            f"e.g. {others[0]}")
+    over = saturation_report(amax)
+    if over:
+        log(f"calibration: {len(over)} Linear inputs exceed 2688, which input_scale = 1.0 would saturate; "
+            f"largest {over[0]}")
+    return input_scales(amax)
 
 
 def _copied_files(source: Source) -> list[str]:

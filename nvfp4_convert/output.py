@@ -311,3 +311,13 @@ def read_conversion_info(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return state.get("info") if isinstance(state, dict) and state.get("complete") else None
+
+
+def conversion_files(path: Path) -> list[str]:
+    """Every file a finished conversion in ``path`` wrote (relative POSIX paths), or [] if there is none."""
+    try:
+        state = json.loads((Path(path) / STATE_DIR / "state.json").read_text())
+    except (OSError, ValueError):
+        return []
+    files = state.get("files") if isinstance(state, dict) and state.get("complete") else None
+    return [f for f in files if isinstance(f, str)] if isinstance(files, list) else []

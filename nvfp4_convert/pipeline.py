@@ -51,8 +51,11 @@ def unit_bytes(unit: Unit, plan: Plan) -> int:
 
 
 def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputShard], backend: Backend,
-        progress: bool = True) -> None:
-    """Produce ``shards`` (the plan's unfinished output shards) into ``output``."""
+        progress: bool = True, input_scales: dict[str, torch.Tensor] | None = None) -> None:
+    """Produce ``shards`` (the plan's unfinished output shards) into ``output``.
+
+    ``input_scales`` are calibrated per-module values; without them every ``input_scale`` is 1.0.
+    """
     steps = [(i, unit) for i, shard in enumerate(shards) for unit in shard.units]
     sizes = [unit_bytes(u, plan) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
@@ -108,7 +111,8 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
             _, future = pending.popleft()
             loaded = future.result()
             submit_ahead(may_acquire=False)  # keep the reader busy while this unit is computed
-            _process(unit, plan, loaded, {s: acquired[s] for s in unit.sources}, writer, writes, backend)
+            _process(unit, plan, loaded, {s: acquired[s] for s in unit.sources}, writer, writes, backend,
+                     input_scales or {})
             del loaded
             in_flight -= sizes[pos]
             bar.update(sizes[pos])
@@ -247,7 +251,7 @@ def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 
 
 def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
-             writes: _Writes, backend: Backend) -> None:
+             writes: _Writes, backend: Backend, input_scales: dict[str, torch.Tensor]) -> None:
     if unit.kept:
         if loaded is not None or unit.kept not in plan.fp8:
             data = loaded.tensors[unit.kept] if loaded is not None else _map(unit.kept, plan, paths)
@@ -275,7 +279,7 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
             writes.submit(writer.write, f"{module}.weight_scale", scales, start * (k // 16), nbytes=scales.numel())
         writes.submit(writer.write, f"{module}.weight_scale_2", ws2, nbytes=4)
         if not plan.weight_only:
-            writes.submit(writer.write, f"{module}.input_scale", _ONE, nbytes=4)
+            writes.submit(writer.write, f"{module}.input_scale", input_scales.get(module, _ONE), nbytes=4)
 
 
 def _quantize_dust(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 
 from .errors import ConvertError
 from .hub_errors import hub_errors
-from .output import STATE_DIR, read_conversion_info, write_bytes_atomic
+from .output import STATE_DIR, conversion_files, read_conversion_info, write_bytes_atomic
 from .report import size_line
 from .verify import CHECKS, VerifyReport, verify
 
@@ -57,7 +58,10 @@ def push(out: Path, repo_id: str, *, private: bool = False, token: str | None = 
     api = HfApi(endpoint=endpoint, token=token)
     with hub_errors(repo_id, endpoint=endpoint, upload=True):
         url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
+        # Only what the conversion wrote (the card follows): never files of the user's that share the folder.
+        allow = [glob.escape(name) for name in conversion_files(out)]
         api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model", ignore_patterns=IGNORE_PATTERNS,
+                          allow_patterns=allow,
                           commit_message=commit_message or f"Upload {info['quant_algo']} checkpoint ({info['tool']})")
         api.upload_file(repo_id=repo_id, path_or_fileobj=card.encode(), path_in_repo=MODEL_CARD, repo_type="model",
                         commit_message="Model card")
@@ -92,6 +96,15 @@ def _base_model(info: dict) -> str | None:
     return str(info["source"]).rsplit("@", 1)[0]
 
 
+def _calibration_lines(calibration: dict | None) -> list[str]:
+    if not calibration:
+        return []
+    where = calibration["dataset"] + "".join(f", {k} `{calibration[k]}`" for k in ("split", "column")
+                                             if calibration.get(k))
+    return [f"- **Calibration:** {calibration['samples']} samples x {calibration['seq_len']} tokens of {where}; "
+            f"method: {calibration['method']}."]
+
+
 def _body(info: dict, report: VerifyReport, repo_id: str, base: str | None) -> list[str]:
     name = repo_id.rsplit("/", 1)[-1]
     weight_only = info["quant_algo"] == "W4A16_NVFP4"
@@ -110,6 +123,7 @@ def _body(info: dict, report: VerifyReport, repo_id: str, base: str | None) -> l
         f"- **{info['kept_tensors']} tensors kept** byte-identical to the source (embeddings, norms, "
         "routers, `lm_head` and anything excluded).",
         f"- **Activations:** {info['activation_policy']}.",
+        *_calibration_lines(info.get("calibration")),
         f"- **Recipe:** `{info['recipe']['name']}`.",
         f"- **Excluded modules** ({len(exclude)}, `exclude_modules` in `hf_quant_config.json` and `ignore` in "
         "`config.json`):",

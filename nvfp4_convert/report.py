@@ -34,6 +34,7 @@ class Report:
     check_seconds: float = 0.0  # of which choosing and proving the backend
     skipped_shards: list[str] = field(default_factory=list)
     dry_run: bool = False
+    calibration: dict | None = None  # dataset, samples, seq_len, method (None: data-free)
 
     @property
     def quant_algo(self) -> str:

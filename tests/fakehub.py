@@ -143,6 +143,10 @@ class FakeHub:
             time.sleep(max(0.0, due - time.monotonic()))
             wfile.write(chunk)
 
+    def add_dataset(self, repo_id: str, folder: Path) -> str:
+        """Serve the files of ``folder`` as a dataset repo (``repo_type="dataset"``); returns the commit sha."""
+        return self.add_repo(_DATASETS + repo_id, folder)
+
     def uploaded(self, repo_id: str) -> dict[str, bytes]:
         """The files on ``main`` of ``repo_id`` (for example after ``upload_folder``), as bytes."""
         repo = self.repos[repo_id]
@@ -152,6 +156,14 @@ class FakeHub:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+_DATASETS = "datasets/"  # dataset repos are kept under this key prefix
+
+
+def _dataset(route):
+    """The same route for a dataset repo."""
+    return lambda m, body: route({**m, "repo": _DATASETS + m["repo"]}, body)
 
 
 class _Error(Exception):
@@ -203,6 +215,9 @@ class _Handler(BaseHTTPRequestHandler):
             ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", self._commit),
             ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve),
             ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", self._resolve),
+            ("GET", rf"/api/datasets/{_REPO}(?:/revision/(?P<rev>[^/]+))?", _dataset(self._model_info)),
+            ("HEAD", rf"/datasets/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", _dataset(self._resolve)),
+            ("GET", rf"/datasets/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<file>.+)", _dataset(self._resolve)),
         ]
         try:
             for method, pattern, route in routes:

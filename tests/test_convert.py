@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,14 +178,38 @@ def test_state_is_hidden_and_complete(tiny, tmp_path):
 
 def test_cache_snapshot_of_links_converts(tiny, tmp_path):
     """A Hugging Face cache snapshot holds links to blobs outside the folder; it is a valid source."""
-    src, blobs, snapshot = tiny("llama"), tmp_path / "blobs", tmp_path / "snapshot"
-    blobs.mkdir()
-    snapshot.mkdir()
-    for f in src.iterdir():
-        (blobs / f.name).write_bytes(f.read_bytes())
-        (snapshot / f.name).symlink_to(blobs / f.name)
+    src = tiny("llama")
+    repo = tmp_path / "hub" / "models--org--tiny"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123abcd"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted(src.iterdir())):
+        (blobs / f"blob{i}").write_bytes(f.read_bytes())
+        (snapshot / f.name).symlink_to(f"../../blobs/blob{i}")
     convert(str(snapshot), tmp_path / "out", progress=False)
     recompute_check(src, tmp_path / "out")
+
+
+def test_links_leaving_the_source_folder(tiny, tmp_path):
+    """Weight shards may link anywhere; files copied into the output only inside the folder."""
+    src, elsewhere, folder = tiny("llama"), tmp_path / "elsewhere", tmp_path / "src"
+    elsewhere.mkdir()
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            (elsewhere / f.name).write_bytes(f.read_bytes())
+            (folder / f.name).symlink_to(elsewhere / f.name)
+        else:
+            (folder / "real").mkdir(exist_ok=True)
+            (folder / "real" / f.name).write_bytes(f.read_bytes())
+            (folder / f.name).symlink_to(Path("real") / f.name)  # a link inside the folder is fine
+    convert(str(folder), tmp_path / "out", progress=False)
+    recompute_check(src, tmp_path / "out")
+    (elsewhere / "secret").write_text("private")
+    (folder / "tokenizer.json").symlink_to(elsewhere / "secret")
+    with pytest.raises(ConvertError, match="tokenizer.json is a link to .*secret, outside the checkpoint"):
+        convert(str(folder), tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()
 
 
 def _reciprocal_arithmetic(w, ws2):

@@ -57,9 +57,10 @@ def test_output_overlapping_the_source_is_refused(src, tmp_path, where, overwrit
 
 def test_output_holding_linked_source_files_is_refused(src, tmp_path):
     """A cache snapshot's links point into a blobs folder; writing into that folder is an overlap too."""
-    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
-    blobs.mkdir()
-    snapshot.mkdir()
+    repo = tmp_path / "models--org--tiny"
+    blobs, snapshot = repo / "blobs", repo / "snapshots" / "0123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
     for f in src.iterdir():
         shutil.move(f, blobs / f.name)
         (snapshot / f.name).symlink_to(blobs / f.name)

@@ -40,8 +40,10 @@ def _no_token(*texts: str | bytes) -> None:
 def test_convert_verify_push_end_to_end(fake_hub, tiny_llama, tmp_path):
     sha = fake_hub.add_repo("org/tiny-llama", tiny_llama)
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "my-notes.txt").write_text("private")  # kept in the folder, never uploaded
     convert("org/tiny-llama", out, token=TOKEN, endpoint=fake_hub.url, backend="reference", progress=False,
-            command=f"nvfp4-convert org/tiny-llama {out} --token ***")
+            command=f"nvfp4-convert org/tiny-llama {out} --token ***", overwrite=True)
     assert verify(out, source="org/tiny-llama", token=TOKEN, endpoint=fake_hub.url, progress=False).ok
 
     url = push(out, "me/tiny-llama-nvfp4", token=TOKEN, endpoint=fake_hub.url)
@@ -49,6 +51,7 @@ def test_convert_verify_push_end_to_end(fake_hub, tiny_llama, tmp_path):
     assert url.endswith("/me/tiny-llama-nvfp4")
     uploaded = fake_hub.uploaded("me/tiny-llama-nvfp4")
     local = _files(out)
+    assert local.pop("my-notes.txt") == b"private"
     assert any(name.startswith(f"{STATE_DIR}/") for name in local)
     assert uploaded == {name: data for name, data in local.items() if not name.startswith(f"{STATE_DIR}/")}
     _no_token(*uploaded.values(), *local.values())

@@ -234,3 +234,18 @@ def make_fp8(src: Path, dst: Path, *, block: tuple[int, int], is_fp8, shard_byte
         if other.suffix != ".safetensors" and other.name not in ("config.json", "model.safetensors.index.json"):
             shutil.copy(other, dst / other.name)
     return dst
+
+
+def add_byte_tokenizer(path: Path) -> Path:
+    """Give a tiny checkpoint a real tokenizer: byte-level, 256 ids, so any text tokenizes (vocab_size 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[10], model_max_length=128)
+    fast.save_pretrained(path)
+    return path

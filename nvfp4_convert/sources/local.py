@@ -26,14 +26,35 @@ class LocalSource:
         )
         self._headers: dict[str, ShardHeader] | None = None
         self.shards, self.weight_map = weight_shards(self._files, self.read_json, where=self.description)
+        self._check_links()
+
+    def _check_links(self) -> None:
+        """Only weight shards may lead out of the folder, and other files only into the cache's blobs.
+
+        Every other file is copied into the output (and uploaded by ``push``), so a link to anything
+        outside the checkpoint could leak it. In a Hugging Face cache snapshot
+        (``models--org--name/snapshots/<commit>/``) every file is a link into ``models--org--name/blobs``,
+        which is the same repo and fine.
+        """
+        allowed = [self.root]
+        repo = self.root.parent.parent
+        if self.root.parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--", "spaces--")):
+            allowed.append(repo / "blobs")
+        shards = set(self.shards)
+        for name in self._files:
+            path = self.root / name
+            real = path.resolve()
+            if name not in shards and real != path and not any(real.is_relative_to(a) for a in allowed):
+                raise ConvertError(f"{name} is a link to {real}, outside the checkpoint", where=self.description,
+                                   fix="Copy the file into the folder; only weight shards may link out of it "
+                                   "(and any file into a Hugging Face cache's blobs)")
 
     @property
     def files(self) -> list[str]:
         return list(self._files)
 
     def _path(self, filename: str) -> Path:
-        # Names are checked, links are followed: a Hugging Face cache snapshot is a folder of links to
-        # blobs elsewhere, and must convert like any other folder.
+        # Names are checked, links are followed (see _check_links for which may leave the folder).
         check_relative(filename, where=self.description)
         return self.root / filename
 

@@ -1,0 +1,337 @@
+"""Activation statistics, one decoder layer at a time.
+
+The samples are embedded once; then each decoder layer is read from the source alone, materialized on the
+calibration device, run over every sample, and dropped, its outputs becoming the next layer's inputs. For
+every quantized Linear it records what ModelOpt's max calibration records (the input's max|x|) and the
+per-input-channel second moment E[x_k^2] that activation-aware block scales weight the error by.
+
+As in ModelOpt's calibration (quantizers only collect statistics while the forward runs), every layer sees
+its upstream layers in full precision: neither weights nor activations are quantized during calibration.
+
+Memory: one layer's weights plus the hidden states of all samples (``samples x seq_len x hidden`` in the
+model's dtype, updated in place) plus one batch's temporaries.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.overrides import TorchFunctionMode
+from tqdm.auto import tqdm
+
+from ..errors import ConvertError
+from ..output import write_bytes_atomic
+from ..plan import Plan
+from ..safetensors_io import TORCH_DTYPES, map_tensor
+from . import layers as L
+from .data import CalibrationData
+
+BATCH_TOKENS = 16384  # tokens per forward batch: bounds one batch's temporaries
+CHECKPOINT_SECONDS = 600.0  # how often the hidden states are saved for resume (they are large)
+_HIDDEN_FILE = "hidden.safetensors"
+
+
+@dataclass
+class LinearStats:
+    """What calibration saw at one Linear's input."""
+
+    amax: torch.Tensor  # float32 0-dim: max|x| over every token (ModelOpt's max calibration)
+    sumsq: torch.Tensor  # float64 [in_features]: sum of x_k^2 over tokens
+    tokens: int  # how many tokens reached it (MoE experts see a subset)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x_k^2] per input channel (float32); zeros when no token reached the module."""
+        return (self.sumsq / max(self.tokens, 1)).float()
+
+
+class _Observer(TorchFunctionMode):
+    """Sees every ``F.linear`` call and credits its input to the checkpoint modules whose weight rows it uses."""
+
+    def __init__(self, layer: torch.nn.Module, rows: dict[str, tuple[str, int, int]], wanted: set[str]):
+        super().__init__()
+        self.params = {p.untyped_storage().data_ptr(): (n, p) for n, p in layer.named_parameters() if p.dim() >= 2}
+        self.rows: dict[str, list[tuple[int, int, str]]] = {}
+        for name, (param, first, count) in rows.items():
+            if name.endswith(".weight") and name[: -len(".weight")] in wanted:
+                self.rows.setdefault(param, []).append((first, first + count, name[: -len(".weight")]))
+        self.cache: dict[tuple[int, int, int], list[str]] = {}
+        self.stats: dict[str, LinearStats] = {}
+        self._last: tuple | None = None  # q/k/v (gate/up) read the same input tensor: reduce it once
+
+    def _modules(self, weight: torch.Tensor) -> list[str]:
+        key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.numel())
+        if key not in self.cache:
+            found: list[str] = []
+            owner = self.params.get(key[0])
+            if owner is not None and weight.is_contiguous() and weight.shape[-1] == owner[1].shape[-1]:
+                name, param = owner
+                k = param.shape[-1]
+                first = (weight.storage_offset() - param.storage_offset()) // k
+                stop = first + weight.numel() // k
+                found = [m for a, b, m in self.rows.get(name, []) if a >= first and b <= stop]
+            self.cache[key] = found
+        return self.cache[key]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.linear:
+            x = args[0] if args else kwargs["input"]
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            modules = self._modules(weight)
+            if modules:
+                self._record(modules, x)
+        return func(*args, **kwargs)
+
+    def _record(self, modules: list[str], x: torch.Tensor) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        if not flat.numel():
+            return
+        if self._last is not None and self._last[0] is x and self._last[1] == x._version:
+            amax, sumsq = self._last[2:]
+        else:  # (holding x keeps its memory from being reused by another tensor while cached)
+            amax = flat.abs().amax().float()
+            sumsq = flat.float().square().sum(0).double()
+            self._last = (x, x._version, amax, sumsq)
+        for m in modules:
+            s = self.stats.get(m)
+            if s is None:
+                self.stats[m] = LinearStats(amax.clone(), sumsq.clone(), flat.shape[0])
+            else:
+                s.amax = torch.maximum(s.amax, amax)
+                s.sumsq += sumsq
+                s.tokens += flat.shape[0]
+
+
+def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationData, device: str | None = None,
+                       state_dir: Path | None = None, state_key: str = "", progress: bool = True,
+                       checkpoint_seconds: float | None = None, batch_tokens: int = BATCH_TOKENS,
+                       log: Callable[[str], None] = print) -> dict[str, LinearStats]:
+    """Run ``data`` through the source model layer by layer and return each quantized Linear's statistics.
+
+    Args:
+        source: the checkpoint (its shards are acquired one decoder layer at a time).
+        plan: the conversion plan (which modules are quantized; tensor locations).
+        config: the source ``config.json``.
+        data: the token ids.
+        device: where layers run (default: ``cuda`` when present, else ``cpu``).
+        state_dir: where per-layer statistics (and, every ``checkpoint_seconds``, the hidden states) are saved
+            atomically, so an interrupted run resumes; None keeps nothing.
+        state_key: what else saved statistics must have been made with (e.g. the conversion's fingerprint).
+        checkpoint_seconds: how often to save the hidden states (default :data:`CHECKPOINT_SECONDS`).
+        batch_tokens: tokens per forward batch.
+    """
+    checkpoint_seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _model_dtype(plan)
+    model = L.build_skeleton(config, dtype=dtype, where=source.description)
+    prefix, owner, layer_list = L.decoder_layers(model)
+    count = model.config.get_text_config().num_hidden_layers
+    by_layer, outside = _tensors_by_layer(plan, prefix, count, where=source.description)
+    store = _StatsStore(state_dir, f"{state_key}:{data.fingerprint()}", count) if state_dir is not None else None
+
+    done = store.finished_layers() if store else {}
+    if len(done) == count:
+        return {m: s for layer in done.values() for m, s in layer.items()}
+    start, hidden = store.hidden() if store else (0, None)
+    done = {i: s for i, s in done.items() if i < start}
+
+    shards = _Shards(source, plan)
+    batch = max(1, min(data.samples, batch_tokens // data.seq_len))
+    batches = [slice(b, min(b + batch, data.samples)) for b in range(0, data.samples, batch)]
+    bar = tqdm(total=count, initial=start, unit="layer", desc="calibrating", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        # Embeddings (and whatever runs before the first layer) and each layer's keyword arguments.
+        L.load_into(model, shards.tensors(outside), dtype=dtype, device=dev)
+        L.to_device(model, dev)
+        kwargs_by_size: dict[int, list[dict]] = {}
+        first = []
+        for b in batches:
+            ids = data.input_ids[b].to(dev)
+            h, kwargs = L.layer_inputs(owner, layer_list, ids, count)
+            kwargs_by_size.setdefault(ids.shape[0], kwargs)
+            if hidden is None:
+                first.append(h)
+        if hidden is None:
+            hidden = torch.cat(first)
+        else:
+            hidden = hidden.to(dev)
+        del first
+        L.free(model)
+        shards.release_all()
+
+        last_checkpoint = time.monotonic()
+        for i in range(start, count):
+            layer = layer_list[i]
+            L.load_into(model, shards.tensors(by_layer[i]), dtype=dtype, device=dev)
+            L.to_device(layer, dev)
+            wanted = {m for m in plan.quantized if m.startswith(f"{prefix}.{i}.")}
+            observer = _Observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer), wanted)
+            with torch.no_grad(), observer:
+                for b in batches:
+                    out = layer(hidden[b], **kwargs_by_size[b.stop - b.start][i])
+                    hidden[b] = out[0] if isinstance(out, tuple) else out
+            L.free(layer)
+            shards.release_unneeded(by_layer[i + 1] if i + 1 < count else [])
+            _check_finite(observer.stats)
+            done[i] = observer.stats
+            if store:
+                store.save_layer(i, observer.stats)
+                if time.monotonic() - last_checkpoint >= checkpoint_seconds and i + 1 < count:
+                    store.save_hidden(i + 1, hidden)
+                    last_checkpoint = time.monotonic()
+            bar.update(1)
+    finally:
+        bar.close()
+        shards.release_all()
+    if store:
+        store.drop_hidden()
+    return {m: s for layer in done.values() for m, s in layer.items()}
+
+
+def _model_dtype(plan: Plan) -> torch.dtype:
+    counts: dict[str, int] = {}
+    for t in plan.quantized.values():
+        counts[t.info.dtype] = counts.get(t.info.dtype, 0) + 1
+    return TORCH_DTYPES[max(counts, key=counts.get)] if counts else torch.bfloat16
+
+
+def _tensors_by_layer(plan: Plan, prefix: str, count: int, *, where: str) -> tuple[list[list[str]], list[str]]:
+    """Source tensor names of each decoder layer, and those needed before the first (not the head)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
+    by_layer: list[list[str]] = [[] for _ in range(count)]
+    outside: list[str] = []
+    for name in plan.tensors:
+        if m := pattern.match(name):
+            if int(m[1]) < count:
+                by_layer[int(m[1])].append(name)
+        elif not name.startswith("lm_head."):
+            outside.append(name)
+    if not all(by_layer):
+        missing = next(i for i, names in enumerate(by_layer) if not names)
+        raise ConvertError(f"the checkpoint has no tensors for decoder layer {missing} ({prefix}.{missing}.*)",
+                           where=where, fix="Check that config.json matches the weights")
+    return by_layer, outside
+
+
+def _check_finite(stats: dict[str, LinearStats]) -> None:
+    for module, s in stats.items():
+        if not torch.isfinite(s.amax):
+            raise ConvertError(f"calibration activations reach {s.amax.item()} at the input of {module}",
+                               where="calibration", fix="The model overflows in its dtype on this data; "
+                               "check the weights, or convert without --calibrate")
+
+
+class _Shards:
+    """Source shards held for the layer being loaded (released when the next layer no longer needs them)."""
+
+    def __init__(self, source, plan: Plan):
+        self.source, self.plan = source, plan
+        self.held: dict[str, Path] = {}
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name in names:
+            shard = self.plan.tensors[name].shard
+            if shard not in self.held:
+                self.held[shard] = self.source.acquire(shard)
+            out[name] = map_tensor(self.held[shard], self.plan.headers[shard], name)
+        return out
+
+    def release_unneeded(self, upcoming: list[str]) -> None:
+        keep = {self.plan.tensors[n].shard for n in upcoming}
+        for shard in [s for s in self.held if s not in keep]:
+            self.source.release(shard)
+            del self.held[shard]
+
+    def release_all(self) -> None:
+        self.release_unneeded([])
+
+
+class _StatsStore:
+    """Per-layer statistics saved atomically, plus occasional hidden-state checkpoints, for resume."""
+
+    def __init__(self, folder: Path, fingerprint: str, count: int):
+        self.folder, self.fingerprint, self.count = Path(folder), fingerprint, count
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _layer_path(self, i: int) -> Path:
+        return self.folder / f"layer-{i:05d}.safetensors"
+
+    def save_layer(self, i: int, stats: dict[str, LinearStats]) -> None:
+        from safetensors.torch import save
+
+        tensors = {}
+        for m, s in stats.items():
+            tensors[f"{m}.amax"] = s.amax.cpu()
+            tensors[f"{m}.sumsq"] = s.sumsq.cpu()
+            tensors[f"{m}.tokens"] = torch.tensor(s.tokens, dtype=torch.int64)
+        write_bytes_atomic(self._layer_path(i), save(tensors, metadata={"data": self.fingerprint}))
+
+    def _load_layer(self, i: int) -> dict[str, LinearStats] | None:
+        from safetensors import safe_open
+
+        path = self._layer_path(i)
+        try:
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("data") != self.fingerprint:
+                    return None
+                raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
+        except (OSError, ValueError, RuntimeError):  # missing, or damaged: recompute it
+            return None
+        modules = {k.rsplit(".", 1)[0] for k in raw}
+        return {m: LinearStats(raw[f"{m}.amax"], raw[f"{m}.sumsq"], int(raw[f"{m}.tokens"])) for m in modules}
+
+    def finished_layers(self) -> dict[int, dict[str, LinearStats]]:
+        """Saved statistics of the leading run of finished layers."""
+        done = {}
+        for i in range(self.count):
+            stats = self._load_layer(i)
+            if stats is None:
+                break
+            done[i] = stats
+        return done
+
+    def save_hidden(self, next_layer: int, hidden: torch.Tensor) -> None:
+        from safetensors.torch import save_file
+
+        partial = self.folder / (_HIDDEN_FILE + ".partial")
+        save_file({"hidden": hidden.contiguous().cpu()}, str(partial),
+                  metadata={"data": self.fingerprint, "next_layer": str(next_layer)})
+        os.replace(partial, self.folder / _HIDDEN_FILE)
+
+    def hidden(self) -> tuple[int, torch.Tensor | None]:
+        """``(next_layer, hidden states)`` of the last checkpoint whose earlier layers are all saved, else (0, None)."""
+        from safetensors import safe_open
+
+        path = self.folder / _HIDDEN_FILE
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("data") != self.fingerprint:
+                    return 0, None
+                next_layer = int(meta["next_layer"])
+                if len(self.finished_layers()) < next_layer:
+                    return 0, None
+                return next_layer, f.get_tensor("hidden")
+        except (OSError, ValueError, RuntimeError, KeyError):
+            return 0, None
+
+    def drop_hidden(self) -> None:
+        (self.folder / _HIDDEN_FILE).unlink(missing_ok=True)
+
+
+def stats_summary(stats: dict[str, LinearStats]) -> str:
+    """One line: how many Linears were observed and the largest input amax."""
+    if not stats:
+        return "no Linear inputs observed"
+    top = max(stats, key=lambda m: stats[m].amax.item())
+    return f"{len(stats)} Linear inputs observed; largest max|x| {stats[top].amax.item():.4g} at {top}"
+

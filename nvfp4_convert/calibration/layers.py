@@ -1,0 +1,191 @@
+"""The model as transformers defines it, built on the meta device and materialized one decoder layer at a time.
+
+The architecture comes from ``config.json`` through transformers' own classes (never remote code); weights
+are loaded with transformers' own loader (including its checkpoint-to-module conversions, such as stacking
+per-expert Linears into fused 3-D expert tensors), so each layer computes exactly what the full model would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..errors import ConvertError
+
+
+def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
+    """A causal LM for ``config`` with every parameter on the meta device (buffers real, on the CPU)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    model_type = config.get("model_type")
+    try:
+        hf_config = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as exc:
+        custom = " (it is defined by custom code in the repo, which is never run)" if "auto_map" in config else ""
+        raise ConvertError(f"transformers {transformers.__version__} cannot build model type {model_type!r}{custom}",
+                           where=f"{where}/config.json",
+                           fix="Calibration needs an architecture transformers ships; convert without --calibrate"
+                           ) from exc
+    hf_config._attn_implementation = "sdpa"
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, ImportError) as exc:
+        raise ConvertError(f"transformers cannot build a causal LM for model type {model_type!r} "
+                           f"({str(exc).splitlines()[0][:160]})", where=f"{where}/config.json",
+                           fix="Calibration needs a decoder-only architecture transformers ships") from None
+    model.eval()
+    model.requires_grad_(False)
+    _eager_experts(model.config)
+    _materialize_buffers(model)
+    return model
+
+
+def _eager_experts(config) -> None:
+    """Fused MoE experts run their per-expert ``F.linear`` path, as ModelOpt forces for calibration
+    (the grouped-matmul path computes the same experts without per-expert Linear calls to observe)."""
+    if hasattr(config, "_experts_implementation"):
+        config._experts_implementation = "eager"
+    for sub in ("text_config", "vision_config", "audio_config", "speech_config"):
+        if getattr(config, sub, None) is not None and getattr(config, sub) is not config:
+            _eager_experts(getattr(config, sub))
+
+
+def _materialize_buffers(model) -> None:
+    """Non-persistent buffers (rotary frequencies, ...) are computed, not loaded: compute them on the CPU."""
+    for module in model.modules():
+        meta = [n for n in module._non_persistent_buffers_set if getattr(module, n, None) is not None
+                and module._buffers[n].is_meta]
+        if not meta:
+            continue
+        for name in meta:
+            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+        model._init_weights(module)
+    for name, buf in model.named_non_persistent_buffers():
+        if buf.is_meta:
+            raise ConvertError(f"cannot compute buffer {name} of {type(model).__name__} off the meta device",
+                               where="calibration", fix="Convert without --calibrate")
+
+
+def decoder_layers(model) -> tuple[str, nn.Module, nn.ModuleList]:
+    """``(prefix, owner, layers)``: the decoder layers' ModuleList, its name and the module whose forward runs them."""
+    count = model.config.get_text_config().num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) >= count and name.endswith("layers"):
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            return name, owner, module
+    raise ConvertError(f"cannot find the decoder layers of {type(model).__name__}", where="calibration",
+                       fix="Convert without --calibrate")
+
+
+def load_into(model, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device) -> None:
+    """Load source tensors (checkpoint names) into ``model`` with transformers' own loader, then onto ``device``."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
+    from transformers.modeling_utils import LoadStateDictConfig
+
+    config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
+    info = convert_and_load_state_dict_in_model(model=model, state_dict=dict(tensors), load_config=config)
+    info = info[0] if isinstance(info, tuple) else info
+    problems = [*getattr(info, "error_msgs", []), *getattr(info, "mismatched_keys", [])]
+    if problems or getattr(info, "unexpected_keys", None):
+        detail = "; ".join(str(p) for p in [*problems, *sorted(info.unexpected_keys)][:3])
+        raise ConvertError(f"transformers could not load these weights into the model ({detail})",
+                           where="calibration", fix="Check that config.json matches the weights")
+
+
+def to_device(module: nn.Module, device: torch.device) -> None:
+    """Move a module's real parameters and buffers to ``device`` (meta ones stay)."""
+    for sub in module.modules():
+        for store in (sub._parameters, sub._buffers):
+            for name, t in store.items():
+                if t is not None and not t.is_meta and t.device != device:
+                    moved = t.to(device)
+                    store[name] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
+
+
+def free(module: nn.Module) -> None:
+    """Drop a module's weights back to the meta device."""
+    for sub in module.modules():
+        for name, p in sub._parameters.items():
+            if p is not None and not p.is_meta:
+                sub._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+
+def checkpoint_rows(model, prefix: str, layer: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Where each checkpoint weight of a layer lives: ``name -> (parameter, first row, rows)``.
+
+    transformers' save-time conversion (the inverse of its load-time one) turns the layer's parameters back
+    into checkpoint tensors, splitting fused ones (e.g. stacked experts). It is run on tensors holding each
+    parameter row's index (one column, so it costs nothing), which tells which rows of which parameter
+    every checkpoint tensor is made of.
+    """
+    from transformers.core_model_loading import revert_weight_conversion
+
+    params = [(n, p) for n, p in layer.named_parameters() if p.dim() >= 2]
+    codes = {f"{prefix}.{n}": (torch.arange(p.numel() // p.shape[-1], dtype=torch.float64) + i * 2.0**40)
+             .view(*p.shape[:-1], 1) for i, (n, p) in enumerate(params)}
+    rows: dict[str, tuple[str, int, int]] = {}
+    for name, t in revert_weight_conversion(model, codes).items():
+        flat = t.reshape(-1).to(torch.float64)
+        if t.shape[-1] != 1 or not flat.numel():
+            continue  # not a row-wise rearrangement of a parameter
+        pid, first = divmod(int(flat[0].item()), 2**40)
+        if pid >= len(params) or not torch.equal(flat, flat[0] + torch.arange(flat.numel(), dtype=torch.float64)):
+            continue
+        rows[name] = (params[pid][0], first, flat.numel())
+    return rows
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer: records the keyword arguments the model passes it."""
+
+    def __init__(self, index: int, record: dict, last: bool):
+        super().__init__()
+        self.index, self.record, self.last = index, record, last
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise ConvertError("decoder layers take positional arguments besides the hidden states",
+                               where="calibration", fix="Convert without --calibrate")
+        self.record[self.index] = (hidden_states, kwargs)
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+@contextlib.contextmanager
+def catching(layers: nn.ModuleList, count: int) -> Iterator[dict[int, tuple[torch.Tensor, dict]]]:
+    """Replace the first ``count`` decoder layers by recorders while the block runs; restore them after."""
+    original = list(layers)
+    record: dict[int, tuple[torch.Tensor, dict]] = {}
+    for i in range(count):
+        layers[i] = _Catcher(i, record, last=i == count - 1)
+    try:
+        yield record
+    finally:
+        for i, layer in enumerate(original):
+            layers[i] = layer
+
+
+def layer_inputs(owner: nn.Module, layers: nn.ModuleList, input_ids: torch.Tensor, count: int
+                 ) -> tuple[torch.Tensor, list[dict]]:
+    """Embed ``input_ids`` and return the first layer's hidden states and each layer's keyword arguments."""
+    with catching(layers, count) as record, torch.no_grad():
+        try:
+            owner(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+    if len(record) < count:
+        raise ConvertError(f"the model ran {len(record)} of {count} decoder layers", where="calibration",
+                           fix="Convert without --calibrate")
+    return record[0][0], [record[i][1] for i in range(count)]
