@@ -77,3 +77,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file of the checkpoint (the hidden resume record, which names the output path, aside)."""
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file() and STATE_DIR not in p.parts}
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A CLI result that failed with exit 2 and exactly one ``error:`` line on stderr naming ``needles``."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in err[0], err[0]

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from checks import assert_one_line_error
 from nvfp4_convert import ConvertError
 from nvfp4_convert.cli import app
 
@@ -22,15 +23,6 @@ runner = CliRunner()
 def run(*args):
     result = runner.invoke(app, ["convert", *map(str, args), "--no-progress"])
     return result
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in err[0], err[0]
 
 
 def checkpoint(folder, tensors=None, config=None):

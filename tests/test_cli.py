@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from checks import assert_one_line_error
 from nvfp4_convert import cli
 
 runner = CliRunner()
@@ -26,15 +27,6 @@ def _main(*args: str) -> int:
     except SystemExit as exc:
         return exc.code or 0
     return 0
-
-
-def _one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("first", ["SRC", "option"])
@@ -114,12 +106,12 @@ def test_help_and_version_do_not_import_torch():
     (["convert"], ["Missing argument 'SRC'"]),
 ])
 def test_bad_arguments_are_one_line(args, needles):
-    _one_line_error(runner.invoke(cli.app, args), *needles)
+    assert_one_line_error(runner.invoke(cli.app, args), *needles)
 
 
 def test_bench_cuda_without_gpu_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _one_line_error(runner.invoke(cli.app, ["bench", "--device", "cuda"]), "no CUDA GPU", "--device cpu")
+    assert_one_line_error(runner.invoke(cli.app, ["bench", "--device", "cuda"]), "no CUDA GPU", "--device cpu")
 
 
 def test_bench_plot_without_matplotlib_fails_before_timing(monkeypatch, tmp_path):
@@ -127,7 +119,7 @@ def test_bench_plot_without_matplotlib_fails_before_timing(monkeypatch, tmp_path
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with mock.patch("nvfp4_convert.bench._measure") as measure:
         result = runner.invoke(cli.app, ["bench", "--plot", str(tmp_path / "p.png"), "--shape", "16x16"])
-    _one_line_error(result, "plots need matplotlib", "--plot", "nvfp4-convert[plot]")
+    assert_one_line_error(result, "plots need matplotlib", "--plot", "nvfp4-convert[plot]")
     measure.assert_not_called()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -14,7 +15,6 @@ from nvfp4_convert.cli import app
 from nvfp4_convert.output import STATE_DIR
 from nvfp4_convert.publish import push
 from nvfp4_convert.verify import verify
-from tiny_models import build_tiny
 
 TOKEN = "hf_fakeTokenThatMustNeverLeak0123456789"
 SOURCE_CARD = ("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: https://example.com/LICENSE\n---\n"
@@ -22,8 +22,8 @@ SOURCE_CARD = ("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: h
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    src = build_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
+def tiny_llama(tiny, tmp_path_factory) -> Path:
+    src = Path(shutil.copytree(tiny("llama"), tmp_path_factory.mktemp("src") / "tiny-llama"))
     (src / "README.md").write_text(SOURCE_CARD)
     return src
 
