@@ -37,7 +37,9 @@ _ONE = torch.tensor(1.0, dtype=torch.float32)
 
 def unit_tensors(unit: Unit) -> list[str]:
     """The source tensors a unit produces its outputs from (FP8 scales aside: see ``Plan.reads``)."""
-    return [unit.kept] if unit.kept else [f"{m}.weight" for m in unit.modules]
+    if unit.kept or unit.stacked:
+        return [unit.kept or unit.stacked]
+    return [f"{m}.weight" for m in unit.modules]
 
 
 def unit_bytes(unit: Unit, plan: Plan) -> int:
@@ -250,7 +252,7 @@ def _amax(weight: torch.Tensor | Iterator[tuple[int, torch.Tensor]], backend: Ba
     """max|weight| in row chunks (float32 0-dim on the weight's device)."""
     amax = None
     for _, w in _chunks(weight) if isinstance(weight, torch.Tensor) else weight:
-        part = backend.amax(w)
+        part = backend.amax(w if w.dim() == 2 else w.reshape(-1, w.shape[-1]))
         amax = part if amax is None else torch.maximum(amax, part)
     return amax if amax is not None else torch.tensor(0.0)
 
@@ -298,6 +300,8 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
             at = start * rows[:1].numel() * rows.element_size()
             writes.submit(writer.write, unit.kept, rows, at, nbytes=rows.numel() * rows.element_size())
         return
+    if unit.stacked:
+        return _process_stacked(unit.stacked, plan, loaded, paths, writer, writes, backend)
     group_amax = torch.tensor(0.0)
     for module in unit.modules:
         name = f"{module}.weight"
@@ -317,6 +321,28 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
         writes.submit(writer.write, f"{module}.weight_scale_2", ws2, nbytes=4)
         if not plan.weight_only:
             writes.submit(writer.write, f"{module}.input_scale", input_scales.get(module, _ONE), nbytes=4)
+
+
+def _process_stacked(name: str, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
+                     writes: _Writes, backend: Backend) -> None:
+    """A fused ``[E, in, out]`` expert tensor: one global scale for all of it, each expert's transpose
+    quantized along ``in`` and written back transposed (see :mod:`.stacked`)."""
+    stacked = loaded.tensors[name] if loaded is not None else _map(name, plan, paths)
+    amax = loaded.amax[name] if loaded is not None else _amax(stacked, backend).cpu()
+    if not torch.isfinite(amax):
+        raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
+                           fix="Fix the source weights, or --exclude this module to keep it unquantized")
+    ws2 = global_scale(amax).reshape(())
+    quantize = _quantize_dust if is_dust(amax) else backend.quantize
+    experts, k, n = stacked.shape
+    for e in range(experts):
+        packed, scales = quantize(stacked[e].t().contiguous(), ws2)
+        packed, scales = packed.t().contiguous(), scales.t().contiguous()
+        writes.submit(writer.write, name, packed, e * packed.numel(), nbytes=packed.numel())
+        writes.submit(writer.write, f"{name}_weight_scale", scales, e * scales.numel(), nbytes=scales.numel())
+    writes.submit(writer.write, f"{name}_weight_scale_2", ws2, nbytes=4)
+    if not plan.weight_only:
+        writes.submit(writer.write, f"{name}_input_scale", _ONE, nbytes=4)
 
 
 def _quantize_dust(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,8 @@ from .fp8 import DROPPED_SUFFIXES, Fp8Weight, fp8_weights, source_flavour
 from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
 from .sources.base import ShardHeader, TensorInfo
+from .stacked import check_convertible, stacked_experts
+from .stacked import outputs as stacked_outputs
 
 _QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
                        ".qweight", ".qzeros", ".scales", ".weight_global_scale", ".SCB")
@@ -40,6 +42,7 @@ class Unit:
 
     modules: tuple[str, ...] = ()  # quantized modules sharing one weight_scale_2 / input_scale
     kept: str | None = None  # a tensor copied byte for byte (an FP8 one: dequantized to BF16)
+    stacked: str | None = None  # a fused 3-D expert tensor quantized expert by expert (see ``stacked``)
     outputs: tuple[OutTensor, ...] = ()
     sources: frozenset[str] = frozenset()  # source shards it reads
     nbytes: int = field(init=False, compare=False, repr=False)  # of its outputs
@@ -78,6 +81,7 @@ class Plan:
     headers: dict[str, ShardHeader]
     fp8: dict[str, Fp8Weight] = field(default_factory=dict)  # FP8 source weight -> its scale
     fp8_flavour: str | None = None
+    stacked: frozenset[str] = frozenset()  # fused 3-D expert tensors, quantized 3-D
 
     def reads(self, name: str) -> list[str]:
         """The source tensors needed to produce weight ``name`` (an FP8 one needs its scale too)."""
@@ -160,7 +164,7 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     kept_reasons: dict[str, str] = {}
 
     linear_like = {m: t for n, t in tensors_out.items() if (m := _module(n)) and len(t.info.shape) >= 2}
-    warnings += _fused_expert_warnings(tensors_out)
+    stacked = set(stacked_experts(tensors_out))
     candidates: dict[str, SourceTensor] = {}
     conv1d: list[str] = []
     for module, t in linear_like.items():
@@ -177,6 +181,17 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
                 warnings.append(f"{module}: {kept_reasons[module]}; kept in {t.info.dtype}")
         else:
             candidates[module] = t
+    for name in stacked:
+        if not recipe.matches("quantize", name) or recipe.matches("exclude", name):
+            kept_reasons[name] = "excluded by recipe"
+        else:
+            check_convertible(config, name, tensors_out[name].info, where=where)
+            candidates[name] = tensors_out[name]
+    if kept_stacked := sorted(n for n in stacked if n not in candidates):
+        t = tensors_out[kept_stacked[0]].info
+        warnings.append(f"{len(kept_stacked)} fused 3-D expert tensors (e.g. {kept_stacked[0]} {list(t.shape)}) are "
+                        f"excluded by the recipe and stay {t.dtype}")
+    linear_like.update({n: tensors_out[n] for n in stacked})  # for the exclusions when kept
     if conv1d:
         dtype = linear_like[conv1d[0]].info.dtype
         warnings.append(f"{len(conv1d)} Hugging Face Conv1D weights (e.g. {conv1d[0]}) stay {dtype}: they are stored "
@@ -205,7 +220,11 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
 
     for name, t in tensors_out.items():
         module = _module(name)
-        if module in quantized:
+        if name in stacked and name in quantized:
+            quant_groups.append((name,))
+            units.append(Unit(stacked=name, outputs=stacked_outputs(name, t.info.shape, weight_only),
+                              sources=shards_of([name])))
+        elif module in quantized:
             if module in emitted:
                 continue
             members = tuple(m for m in group_of.get(module, (module,)) if m in quantized)
@@ -224,6 +243,7 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     return Plan(tensors=tensors, quantized=quantized, groups=quant_groups, exclude_modules=exclude,
                 shards=_layout_shards(units, max_shard_size), source_shards=sorted(headers),
                 weight_only=weight_only, warnings=warnings, kept_reasons=kept_reasons, headers=headers, fp8=fp8,
+                stacked=frozenset(stacked),
                 fp8_flavour=flavour.flavour if flavour else None)
 
 
@@ -248,19 +268,6 @@ def fusion_groups(linear_like: dict[str, SourceTensor], recipe: Recipe) -> list[
     for m in parent:
         clusters.setdefault(find(m), []).append(m)
     return [tuple(sorted(c)) for c in clusters.values() if len(c) > 1]
-
-
-FUSED_EXPERTS = re.compile(r"\.experts\.[^.]+$")  # transformers 5's stacked experts, e.g. mlp.experts.gate_up_proj
-
-
-def _fused_expert_warnings(tensors: dict[str, SourceTensor]) -> list[str]:
-    """Stacked 3-D expert weights (``experts.gate_up_proj [E, 2I, H]``) are not quantized: say so."""
-    fused = [t for n, t in tensors.items() if len(t.info.shape) == 3 and FUSED_EXPERTS.search(n)]
-    if not fused:
-        return []
-    dtypes = "/".join(sorted({t.info.dtype for t in fused}))
-    return [f"{len(fused)} fused 3-D expert tensors (e.g. {fused[0].name} {list(fused[0].info.shape)}) are not "
-            f"quantized and stay {dtypes}; save the model with one Linear per expert to quantize its experts"]
 
 
 def _keep_experts_together(linear_like, candidates, kept_reasons, warnings) -> None:

@@ -92,7 +92,8 @@ class FakeHub:
     """A threaded HTTP server on 127.0.0.1 acting as the Hub; use ``HfApi(endpoint=hub.url)``.
 
     Knobs: ``truncate_once`` (file names whose first un-ranged GET sends half the body and drops the
-    connection), ``gated=True`` in :meth:`add_repo` (401 ``GatedRepo`` without an ``Authorization``
+    connection), ``stall`` (file name -> how many GETs of it send half the body and then hang until the
+    hub closes), ``gated=True`` in :meth:`add_repo` (401 ``GatedRepo`` without an ``Authorization``
     header), ``bandwidth`` (bytes per second shared by all file bodies, like one network link; None:
     unthrottled). ``requests`` logs every request in arrival order.
     """
@@ -103,6 +104,8 @@ class FakeHub:
         self.truncate_once: set[str] = set()
         self.bandwidth: float | None = None
         self._link_free = 0.0  # when the throttled link has sent everything queued so far
+        self.stall: dict[str, int] = {}
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
@@ -153,6 +156,7 @@ class FakeHub:
         return {path: f.read() for path, f in repo.commits[repo.main].items()}
 
     def close(self) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
@@ -320,6 +324,17 @@ class _Handler(BaseHTTPRequestHandler):
             start, stop, status = int(match[1]), min(int(match[2] or f.size - 1) + 1, f.size), 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{f.size}"
         data = f.read(start, stop) if self.command == "GET" else b""
+        if self.command == "GET" and self.hub.stall.get(m["file"], 0) > 0:
+            self.hub.stall[m["file"]] -= 1
+            self.send_response(status)
+            for key, value in {**headers, "Content-Length": str(len(data))}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.hub._closing.wait(120)
+            self.close_connection = True
+            return
         if self.command == "GET" and spec is None and m["file"] in self.hub.truncate_once:
             self.hub.truncate_once.discard(m["file"])
             self.send_response(200)

@@ -7,7 +7,7 @@ subnormals, and tensors with tiny and huge global scales. All-zero tensors are l
 
 Run as a script on a GPU machine to save ModelOpt's CUDA results for ``tests/test_gpu.py``::
 
-    python tests/oracle_cases.py OUT.pt
+    python tests/oracle_cases.py OUT.pt [DEVICE]
 """
 
 from __future__ import annotations
@@ -83,10 +83,32 @@ def modelopt_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return qtensor._quantized_data, scales.view(torch.uint8), ws2.float().reshape(())
 
 
+_PARTS = ("packed", "scales", "ws2")
+
+
+def save_results(results: dict, path: str, *, device: str) -> None:
+    """``{name: (packed, scales, ws2)}`` as one safetensors file."""
+    from safetensors.torch import save_file
+
+    flat = {f"{name}/{part}": t.contiguous() for name, ts in results.items() for part, t in zip(_PARTS, ts)}
+    save_file(flat, path, metadata={"device": device, "torch": str(torch.__version__)})
+
+
+def load_results(path: str) -> dict:
+    """Inverse of :func:`save_results`."""
+    from safetensors.torch import load_file
+
+    flat = load_file(path)
+    names = {key.rpartition("/")[0] for key in flat}
+    return {name: tuple(flat[f"{name}/{part}"] for part in _PARTS) for name in names}
+
+
 if __name__ == "__main__":
+    device = sys.argv[2] if len(sys.argv) > 2 else "cuda"
     results = {}
     for name, w in cases():
-        packed, scales, ws2 = modelopt_quantize(w.cuda())
+        packed, scales, ws2 = modelopt_quantize(w.to(device))
         results[name] = (packed.cpu(), scales.cpu(), ws2.cpu())
-    torch.save({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, sys.argv[1])
-    print(f"saved ModelOpt CUDA results for {len(results)} tensors to {sys.argv[1]}")
+    where = torch.cuda.get_device_name() if device == "cuda" else device
+    save_results(results, sys.argv[1], device=where)
+    print(f"saved ModelOpt results ({where}, torch {torch.__version__}) for {len(results)} tensors to {sys.argv[1]}")

@@ -255,15 +255,18 @@ def test_denormal_dust_gives_a_valid_checkpoint_with_the_same_bytes_on_every_bac
 INV = float.fromhex("0x1.861862p-12")
 
 
-def test_fused_3d_experts_are_kept_with_a_warning(tmp_path):
+def test_fused_3d_experts_of_unknown_layout_are_refused(tmp_path):
     src = _write_checkpoint(tmp_path / "src", {
         "model.layers.0.mlp.experts.gate_up_proj": torch.randn(4, 64, 32, dtype=torch.bfloat16),
         "model.layers.0.mlp.experts.down_proj": torch.randn(4, 32, 32, dtype=torch.bfloat16),
         "model.layers.0.mlp.gate.weight": torch.randn(4, 32, dtype=torch.bfloat16),
         "model.layers.0.self_attn.o_proj.weight": torch.randn(32, 32, dtype=torch.bfloat16),
     })
-    lines = []
-    convert(str(src), tmp_path / "out", progress=False, log=lines.append)
-    warned = [line for line in lines if "fused 3-D expert tensors" in line]
-    assert len(warned) == 1 and warned[0].startswith("warning: 2 fused 3-D expert tensors") and "BF16" in warned[0]
-    recompute_check(src, tmp_path / "out")
+    (src / "config.json").write_text(json.dumps({"model_type": "some_moe"}))  # the default recipe quantizes them
+    with pytest.raises(ConvertError, match="fused 3-D expert tensors .* of model_type 'some_moe' have no known"):
+        convert(str(src), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "config.json").exists()
+    lines = []  # excluded, they stay as they are, with a warning
+    convert(str(src), tmp_path / "kept", excludes=["*.experts.*"], progress=False, log=lines.append)
+    assert any("2 fused 3-D expert tensors" in line and "stay BF16" in line for line in lines)
+    recompute_check(src, tmp_path / "kept")

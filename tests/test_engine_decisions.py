@@ -231,8 +231,12 @@ PHI3_PACKED = {"qkv_proj": ["qkv_proj"], "gate_up_proj": ["gate_up_proj"]}  # vl
 NOT_LINEAR = re.compile(r"(embed_tokens|embeddings?|wte|wpe|patch_embed.*|position_embedding|"
                         r"mm_input_projection_weight)$")
 # vLLM's Qwen2.5-VL hf_to_vllm_mapper (models/qwen2_5_vl.py) for transformers-5 names
-VL_MAPPER = {"model.language_model.": "language_model.model.", "model.visual.": "visual.",
-             "lm_head.": "language_model.lm_head.", "model.": "language_model.model."}
+VL_MAPPERS = {
+    "qwen2_5_vl": {"model.language_model.": "language_model.model.", "model.visual.": "visual.",
+                   "lm_head.": "language_model.lm_head.", "model.": "language_model.model."},
+    "gemma3": {"model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+               "model.multi_modal_projector.": "multi_modal_projector.", "lm_head.": "language_model.lm_head."},
+}  # vLLM's hf_to_vllm_mapper of models/qwen2_5_vl.py and models/gemma3_mm.py
 
 
 def map_prefix(name: str, prefixes: dict[str, str]) -> str:
@@ -281,14 +285,14 @@ def engine_modules(modules: dict[str, bool], *, lm_head: bool = True) -> list[En
     return out
 
 
-def assert_every_engine_agrees(folder: Path, *, phi3: bool = False, vl: bool = False) -> dict[str, int]:
+def assert_every_engine_agrees(folder: Path, *, phi3: bool = False, vl: str | None = None) -> dict[str, int]:
     """Each engine's decision for each module equals what the checkpoint holds; returns counts by engine."""
     modules = checkpoint_modules(folder)
     modules.setdefault("lm_head", False)
     parsed = {"vllm": vllm_parse(folder), "sglang": sglang_parse(folder), "trtllm": trtllm_parse(folder)}
     for algo, _, group in parsed.values():
         assert algo == "NVFP4" and group == 16
-    mapper = VL_MAPPER if vl else {}
+    mapper = VL_MAPPERS.get(vl, {})
     vllm_excludes = vllm_apply_mapper(parsed["vllm"][1], mapper)
     checked = dict.fromkeys(parsed, 0)
     for module in engine_modules(modules):
@@ -327,6 +331,7 @@ CASES = {  # name: (tiny kind, tiny options, convert options)
     "gemma3": ("gemma3_text", {}, {}),
     "glm4_moe": ("glm4_moe", {}, {}),
     "qwen2_5_vl": ("qwen2_5_vl", {}, {}),
+    "gemma3-vl": ("gemma3", {"tie_word_embeddings": True}, {}),
     "gpt2": ("gpt2", {}, {}),
     "qwen3_moe-exclude-layer-1": ("qwen3_moe", {}, {"excludes": ["model.layers.1.mlp.experts.*"]}),
     "mixtral-exclude-attention-0": ("mixtral", {}, {"excludes": ["model.layers.0.self_attn.*"]}),
@@ -340,7 +345,7 @@ def test_every_engine_reads_the_checkpoint_as_written(case, tiny, tmp_path):
     kind, tiny_options, options = CASES[case]
     src, out = tiny(kind, **tiny_options), tmp_path / "out"
     report = convert(str(src), out, progress=False, max_shard_size="40KB", **options)
-    checked = assert_every_engine_agrees(out, phi3=kind == "phi3", vl=kind == "qwen2_5_vl")
+    checked = assert_every_engine_agrees(out, phi3=kind == "phi3", vl=kind if kind in VL_MAPPERS else None)
     verified = verify(out, source=str(src), progress=False)
     assert verified.ok, [str(v) for v in verified.violations]
     assert min(checked.values()) > 2

@@ -277,11 +277,11 @@ def _modelopt_cuda_results() -> dict:
     ``python tests/oracle_cases.py FILE`` where ModelOpt is installed and named by ``NVFP4_MODELOPT_CUDA``."""
     import os
 
-    from oracle_cases import cases, modelopt_quantize
+    from oracle_cases import cases, load_results, modelopt_quantize
 
     saved = os.environ.get("NVFP4_MODELOPT_CUDA")
     if saved:
-        return torch.load(saved)["results"]
+        return load_results(saved)
     if importlib.util.find_spec("modelopt") is None:
         pytest.skip("needs nvidia-modelopt here, or NVFP4_MODELOPT_CUDA naming its saved CUDA results")
     return {name: tuple(t.cpu() for t in modelopt_quantize(w.cuda())) for name, w in cases()}

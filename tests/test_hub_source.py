@@ -230,6 +230,53 @@ def test_unreachable_hub(tmp_path):
         HubSource(REPO, endpoint=f"http://127.0.0.1:{port}", work_dir=tmp_path)
 
 
+def test_hub_that_never_answers_times_out(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_module, "_API_TIMEOUT", 0.5)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()  # connections are queued, never answered
+        start = time.monotonic()
+        with pytest.raises(ConvertError, match="cannot reach the Hub"):
+            HubSource(REPO, endpoint=f"http://127.0.0.1:{s.getsockname()[1]}", work_dir=tmp_path)
+        assert time.monotonic() - start < 10
+
+
+def test_stalled_download_ends_in_our_line_only(fake_hub, served, model, tmp_path, monkeypatch, capfd):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    src = open_hub(fake_hub, tmp_path)
+    start = time.monotonic()
+    try:
+        shard = src.shards[0]
+        src.headers()
+        fake_hub.stall[shard] = 10**6
+        with pytest.raises(ConvertError, match="cannot reach the Hub"):
+            src.acquire(shard)
+    finally:
+        src.close()
+    assert time.monotonic() - start < 30
+    err = capfd.readouterr().err
+    assert "warning" not in err.lower() and "retry" not in err.lower() and "error" not in err.lower(), err
+
+
+def test_close_during_a_stalled_download_is_prompt(fake_hub, served, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 30)
+    src = open_hub(fake_hub, tmp_path)
+    shard = src.shards[0]
+    src.headers()
+    fake_hub.stall[shard] = 10**6
+    src.prefetch(shard)
+    while not any(r.path.endswith(shard) and r.method == "GET" and r.range is None for r in fake_hub.requests):
+        time.sleep(0.05)
+    start = time.monotonic()
+    src.close()  # what an interrupt does; it must not wait for the stalled read's timeouts and retries
+    assert time.monotonic() - start < hub_module._CLOSE_GRACE + 1
+    assert not list(src.work_dir.rglob("*.safetensors"))  # at most huggingface_hub's resumable .incomplete
+
+
 def test_disk_full(fake_hub, served, tmp_path, monkeypatch):
     src = open_hub(fake_hub, tmp_path)
 

@@ -11,7 +11,7 @@ KINDS = ("llama", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
 # Every family with a recipe; "qwen3_moe_k40" has experts 40 wide (down_proj K % 16 != 0), "qwen2_5_vl" is
 # saved with transformers-5 prefixes (model.language_model.*, model.visual.*).
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3", "phi3", "gemma2",
-            "gemma3_text", "glm4_moe", "qwen2_5_vl", "gpt2", "qwen3_moe_k40")
+            "gemma3_text", "glm4_moe", "qwen2_5_vl", "gemma3", "gpt2", "qwen3_moe_k40")
 
 
 def _config(kind: str):
@@ -44,6 +44,11 @@ def _config(kind: str):
         vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
                   "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "fullatt_block_indexes": [1]}
         return tf.Qwen2_5_VLConfig(text_config=text, vision_config=vision)
+    if kind == "gemma3":  # vision-language, saved in the Hub layout (language_model.model.*, vision_tower.*)
+        vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                  "image_size": 28, "patch_size": 14}
+        return tf.Gemma3Config(text_config=dict(common, intermediate_size=128, head_dim=16), vision_config=vision,
+                               mm_tokens_per_image=4)
     if kind == "qwen3_moe_k40":
         return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=40, num_experts=4,
                                  num_experts_per_tok=2, head_dim=16, **common)
@@ -115,8 +120,8 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
     torch.manual_seed(seed)
     config = _config(kind)
     config.tie_word_embeddings = tie_word_embeddings
-    if kind == "qwen2_5_vl":
-        model = tf.Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    if kind in ("qwen2_5_vl", "gemma3"):
+        model = tf.AutoModelForImageTextToText.from_config(config).to(dtype)
     else:
         model = tf.AutoModelForCausalLM.from_config(config).to(dtype)
     with torch.no_grad():  # random init gives tiny values in some layers; spread them a bit

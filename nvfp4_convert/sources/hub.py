@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, hf_hub_url, try_to_load_from_cache
@@ -18,12 +22,67 @@ from ..hub_errors import hub_errors
 from ..safetensors_io import header_length, load_json, parse_header, read_header
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
+_API_TIMEOUT = 30.0  # seconds for an API call (repo info) to answer; downloads use HF_HUB_DOWNLOAD_TIMEOUT
+_CLOSE_GRACE = 2.0  # seconds close() waits for an aborted download before leaving it to die with the process
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
 _METADATA_DIR = "metadata"  # subfolder of work_dir for small non-weight files
 
 
 class _Stopped(Exception):
     """Raised inside a background download to abort it when the source is closed."""
+
+
+class _Worker:
+    """One daemon thread that runs jobs in order, returning futures.
+
+    Unlike a ThreadPoolExecutor's worker it does not hold the process at exit, so an interrupt during a
+    stalled download ends the run at once instead of after the library's timeouts and retries.
+    """
+
+    def __init__(self, name: str):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        self._jobs.put((future, fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+
+    def shutdown(self, *, grace: float) -> None:
+        self._jobs.put(None)
+        self._thread.join(grace)
+
+
+class _HubWarnings(logging.Filter):
+    """Keeps huggingface_hub's own warnings (retries, resumed downloads) about our calls off the terminal:
+    each fault ends in the converter's one line instead. Other uses of huggingface_hub are untouched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = getattr(_CALLING, "active", False) or record.threadName.startswith(_THREAD_PREFIX)
+        return not (ours and record.name.startswith("huggingface_hub") and record.levelno < logging.ERROR)
+
+
+_THREAD_PREFIX = "nvfp4-"
+_CALLING = threading.local()  # .active while this thread is inside HubSource._hub_errors
+_FILTER = _HubWarnings()
+
+
+def _quiet_hub_warnings() -> None:
+    """Install :class:`_HubWarnings` on huggingface_hub's handlers (once)."""
+    for handler in logging.getLogger("huggingface_hub").handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
 
 
 class _QuietBar:
@@ -75,8 +134,9 @@ class HubSource:
         self._api = HfApi(endpoint=endpoint, token=token)
         self._requested_revision = revision
         self.description = repo_id
+        _quiet_hub_warnings()
         with self._hub_errors():
-            info = self._api.model_info(repo_id, revision=revision, files_metadata=True)
+            info = self._api.model_info(repo_id, revision=revision, files_metadata=True, timeout=_API_TIMEOUT)
         self.revision: str = info.sha
         self.description = f"{repo_id}@{self.revision[:12]}"
         self._siblings = {s.rfilename: s for s in info.siblings or []}
@@ -85,7 +145,7 @@ class HubSource:
         self._temp = work_dir is None
         self.work_dir = Path(tempfile.mkdtemp(prefix="nvfp4-hub-") if work_dir is None else work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvfp4-download")
+        self._pool = _Worker(_THREAD_PREFIX + "download")
         self._pending: dict[str, Future[Path]] = {}  # submitted, not acquired yet
         self._held: dict[str, Path] = {}  # acquired, not released yet
         self._cached: set[str] = set()  # read from the Hugging Face cache, never deleted
@@ -128,7 +188,7 @@ class HubSource:
     def headers(self) -> dict[str, ShardHeader]:
         """Every shard's header, read with HTTP range requests (no tensor data is downloaded)."""
         if self._headers is None:
-            with ThreadPoolExecutor(max_workers=8) as pool:
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix=_THREAD_PREFIX + "header") as pool:
                 self._headers = dict(zip(self.shards, pool.map(self._remote_header, self.shards)))
         return self._headers
 
@@ -277,7 +337,7 @@ class HubSource:
         self._stop.set()
         for future in self._pending.values():
             future.cancel()
-        self._pool.shutdown(wait=True)
+        self._pool.shutdown(grace=_CLOSE_GRACE)
         if not self.keep_source:
             for filename in [*self._pending, *self._held]:
                 self._delete(filename)
@@ -290,8 +350,14 @@ class HubSource:
 
     # -- errors ----------------------------------------------------------------------------------
 
-    def _hub_errors(self, filename: str | None = None):
-        """Hub, network and disk errors inside the block as one-line ConvertErrors."""
-        return hub_errors(self.repo_id, where=f"{self.description}/{filename}" if filename else self.description,
-                          endpoint=self._api.endpoint, revision=self._requested_revision,
-                          work_dir=getattr(self, "work_dir", None))
+    @contextmanager
+    def _hub_errors(self, filename: str | None = None) -> Iterator[None]:
+        """Hub, network and disk errors inside the block as one-line ConvertErrors (never echoing the token)."""
+        outer, _CALLING.active = getattr(_CALLING, "active", False), True
+        try:
+            with hub_errors(self.repo_id, where=f"{self.description}/{filename}" if filename else self.description,
+                            endpoint=self._api.endpoint, revision=self._requested_revision,
+                            work_dir=getattr(self, "work_dir", None)):
+                yield
+        finally:
+            _CALLING.active = outer
