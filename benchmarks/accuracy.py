@@ -14,6 +14,11 @@ Examples::
     python benchmarks/accuracy.py --scales rtn mse
     python benchmarks/accuracy.py --quantized out/a out/b      # folders converted from --source
     python benchmarks/accuracy.py --convert weight_only=true   # extra keyword arguments for convert()
+    python benchmarks/accuracy.py --quantized out/a --activations  # W4A4: inputs quantized with input_scale
+
+With ``--activations`` every quantized Linear's input is also quantized as NVFP4 serving engines do it (BF16
+input, blocks of 16, E4M3 block scales under the checkpoint's ``input_scale`` as global scale), so the KL
+covers weights and activations (W4A4); without it only the weights are quantized (W4A16 error).
 """
 
 from __future__ import annotations
@@ -72,6 +77,35 @@ def token_ids(source: Path) -> list[torch.Tensor]:
     return seqs
 
 
+def input_scales(folder: Path) -> dict[str, torch.Tensor]:
+    """``{module: input_scale}`` of a converted W4A4 checkpoint."""
+    from safetensors import safe_open
+
+    scales = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            scales.update({k.removesuffix(".input_scale"): f.get_tensor(k) for k in f.keys()  # noqa: SIM118
+                           if k.endswith(".input_scale")})
+    return scales
+
+
+def _quantize_inputs(model, scales: dict[str, torch.Tensor]) -> list:
+    """Hooks that replace each listed Linear's input by its NVFP4 fake-quantized value (W4A4)."""
+    from nvfp4_convert.kernels import reference
+    from nvfp4_convert.kernels.common import dequantize
+
+    def hook(scale):
+        def pre(module, args):
+            x = args[0]
+            rows = x.to(torch.bfloat16).reshape(-1, x.shape[-1])
+            packed, block = reference.quantize(rows, scale)
+            return (dequantize(packed, block, scale).view(x.shape).to(x.dtype), *args[1:])
+        return pre
+
+    modules = dict(model.named_modules())
+    return [modules[name].register_forward_pre_hook(hook(s.float())) for name, s in scales.items()]
+
+
 def dequantized_weights(folder: Path) -> dict[str, torch.Tensor]:
     """``{module.weight: float32 values}`` for every NVFP4 module of a converted checkpoint."""
     from safetensors.torch import load_file
@@ -100,12 +134,13 @@ def _nll(log_probs: list[torch.Tensor], seqs: list[torch.Tensor]) -> float:
     return total / sum(len(ids) - 1 for ids in seqs)
 
 
-def evaluate(source: Path, quantized: dict[str, Path]) -> dict:
+def evaluate(source: Path, quantized: dict[str, Path], *, activations: bool = False) -> dict:
     """KL(BF16 || each quantized checkpoint) and perplexities on the fixed texts.
 
     Args:
         source: the BF16 checkpoint the quantized folders were converted from.
         quantized: ``{label: folder}``.
+        activations: also quantize Linear inputs with each checkpoint's ``input_scale`` (W4A4).
 
     Returns:
         ``{"tokens": n, "bf16_ppl": x, "results": {label: {"kl": mean KL per token, "ppl": x}}}``.
@@ -123,7 +158,10 @@ def evaluate(source: Path, quantized: dict[str, Path]) -> dict:
         if missing:
             raise SystemExit(f"{folder} is not a conversion of {source}: {sorted(missing)[:3]}")
         model.load_state_dict({**original, **weights})
+        hooks = _quantize_inputs(model, input_scales(folder)) if activations else []
         got = _log_probs(model, seqs)
+        for h in hooks:
+            h.remove()
         kl = sum((r.exp() * (r - g)).sum().item() for r, g in zip(ref, got)) / report["tokens"]
         report["results"][label] = {"kl": kl, "ppl": math.exp(_nll(got, seqs)), "modules": len(weights)}
     model.load_state_dict(original)
@@ -160,6 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--convert", nargs="*", default=[], metavar="KEY=VALUE", help="extra convert() options")
     parser.add_argument("--backend", default=None, help="quantize backend for the conversions")
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
+    parser.add_argument("--activations", action="store_true",
+                        help="also quantize Linear inputs with the checkpoints' input_scale (W4A4)")
     args = parser.parse_args(argv)
 
     from nvfp4_convert import convert
@@ -178,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             convert(str(source), out, progress=False, backend=args.backend, log=lambda _: None, **extra, **options)
             timings[mode] = time.perf_counter() - start
             folders[mode] = out
-        report = evaluate(source, folders)
+        report = evaluate(source, folders, activations=args.activations)
     report["convert_seconds"] = timings
     print(format_report(report))
     if timings:

@@ -187,6 +187,16 @@ def verify_command(
                                                    help="Also write the report as JSON to this file.")] = None,
     plots: Annotated[Path | None, typer.Option(
         metavar="DIR", help="Also write PNG plots to this folder (needs the 'plot' extra).")] = None,
+    activations: Annotated[str | None, typer.Option(
+        metavar="DATA", help="With --source: run this text (.txt/.jsonl/.parquet or Hub dataset) through the source "
+                             "layer by layer and report each layer's W4A16 and W4A4 output error with the stored "
+                             "scales.")] = None,
+    calib_samples: Annotated[int, typer.Option(metavar="N", help="With --activations: number of samples.")] = 32,
+    calib_seq_len: Annotated[int, typer.Option(metavar="N", help="With --activations: tokens per sample.")] = 512,
+    calib_column: Annotated[str | None, typer.Option(
+        metavar="NAME", help="With --activations: text column (default: text).")] = None,
+    calib_split: Annotated[str | None, typer.Option(metavar="NAME", help="With --activations: Hub dataset split.")
+                           ] = None,
     progress: ProgressOpt = True,
     debug: DebugOpt = False,
 ) -> None:
@@ -197,11 +207,28 @@ def verify_command(
     """
     from .verify import verify
 
+    if activations and not source:
+        raise ConvertError("--activations needs --source", where="verify",
+                           fix="Pass the checkpoint OUT was converted from")
     report = verify(out, source=source, revision=revision, token=token, endpoint=endpoint, json_path=json_path,
                     plot_dir=plots, progress=progress)
+    seen = None
+    if activations:
+        from .verify.activations import verify_activations
+
+        seen = verify_activations(out, source=source, dataset=activations, samples=calib_samples,
+                                  seq_len=calib_seq_len, column=calib_column, split=calib_split,
+                                  revision=revision, token=token, endpoint=endpoint, progress=progress)
+        if json_path:
+            import json
+
+            doc = json.loads(json_path.read_text())
+            json_path.write_text(json.dumps({**doc, "activations": seen.to_dict()}, indent=2))
     for violation in report.violations:
         typer.echo(f"violation: {violation.line()}")
     typer.echo(report.format_summary())
+    for line in seen.lines() if seen else []:
+        typer.echo(line)
     for path in report.written:
         typer.echo(f"wrote {path}")
     if not report.ok:

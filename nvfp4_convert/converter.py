@@ -127,6 +127,8 @@ def convert(
                           where=source.description)
         report = Report(source=source.description, output=Path(out), plan=plan, recipe=recipe,
                         activation_policy=activation_policy(weight_only), dry_run=dry_run)
+        if plan.fp8_flavour:
+            log(f"source: {plan.fp8_flavour}; FP8 weights are dequantized to BF16, then quantized or kept")
         for warning in plan.warnings:
             log(f"warning: {warning}")
         data = None

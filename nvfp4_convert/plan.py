@@ -328,8 +328,10 @@ def substring_clashes(entries: list[str], names: list[str]) -> dict[str, str]:
 def _exclude_modules(config, tensors, linear_like, quantized, groups, recipe: Recipe, served: list[str]) -> list[str]:
     """``exclude_modules`` as ModelOpt writes it (see :mod:`.exclusions`), fused aliases of kept groups included."""
     names = [m for m in linear_like if m not in quantized]
-    if "lm_head.weight" not in tensors:
-        names.append("lm_head")  # a tied head has no tensor of its own; ModelOpt lists it all the same
+    if "lm_head.weight" not in tensors and "language_model.lm_head.weight" not in tensors:
+        # a tied head has no tensor of its own; ModelOpt lists it all the same, under the layout's name
+        hub_vl = any(n.startswith("language_model.model.") for n in tensors)
+        names.append("language_model.lm_head" if hub_vl else "lm_head")
     aliases = {frozenset(r.members): r.alias for r in recipe.fuse if r.alias}
     for group in groups:
         if not any(m in quantized for m in group):

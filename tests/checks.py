@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -87,3 +90,38 @@ def assert_one_line_error(result, *needles: str) -> None:
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in err[0], err[0]
+
+
+# Runs the CLI in a child process that SIGKILLs itself on the N-th call of one internal function.
+KILLER = """
+import os, signal, sys
+import nvfp4_convert.{module} as mod
+target, n = "{func}", {n}
+cls, _, attr = target.rpartition(".")
+owner = getattr(mod, cls) if cls else mod
+original = getattr(owner, attr)
+calls = [0]
+def wrapper(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, attr, wrapper)
+if "{module}" == "output":  # rebind names imported into convert
+    import nvfp4_convert.converter as conv
+    if hasattr(conv, attr):
+        setattr(conv, attr, wrapper)
+from nvfp4_convert.cli import main
+main(sys.argv[1:])
+"""
+
+
+# Resume does not depend on the backend: the reference needs no numba start-up in each child process.
+FAST = ("--no-progress", "--backend", "reference")
+
+
+def run_cli(args, *, kill=None):
+    plain = "from nvfp4_convert.cli import main; import sys; main(sys.argv[1:])"
+    code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else plain
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)

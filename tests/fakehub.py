@@ -92,8 +92,8 @@ class FakeHub:
     """A threaded HTTP server on 127.0.0.1 acting as the Hub; use ``HfApi(endpoint=hub.url)``.
 
     Knobs: ``truncate_once`` (file names whose first un-ranged GET sends half the body and drops the
-    connection), ``stall`` (file name -> how many GETs of it send half the body and then hang until the
-    hub closes), ``gated=True`` in :meth:`add_repo` (401 ``GatedRepo`` without an ``Authorization``
+    connection), ``stall`` (file name -> how many un-ranged GETs of it send half the body and then hang
+    until the hub closes), ``gated=True`` in :meth:`add_repo` (401 ``GatedRepo`` without an ``Authorization``
     header), ``bandwidth`` (bytes per second shared by all file bodies, like one network link; None:
     unthrottled). ``requests`` logs every request in arrival order.
     """
@@ -324,7 +324,7 @@ class _Handler(BaseHTTPRequestHandler):
             start, stop, status = int(match[1]), min(int(match[2] or f.size - 1) + 1, f.size), 206
             headers["Content-Range"] = f"bytes {start}-{stop - 1}/{f.size}"
         data = f.read(start, stop) if self.command == "GET" else b""
-        if self.command == "GET" and self.hub.stall.get(m["file"], 0) > 0:
+        if self.command == "GET" and spec is None and self.hub.stall.get(m["file"], 0) > 0:
             self.hub.stall[m["file"]] -= 1
             self.send_response(status)
             for key, value in {**headers, "Content-Length": str(len(data))}.items():

@@ -92,12 +92,12 @@ def test_unreached_experts_share_the_layer_maximum(model, text_file, tmp_path, m
     from nvfp4_convert.calibration import collect
 
     src = model("qwen3_moe")
-    original = collect._Observer._record
+    original = collect.Observer.record
 
-    def skip_expert_0(self, modules, x):
-        original(self, [m for m in modules if ".experts.0." not in m], x)
+    def skip_expert_0(self, modules, x, weight):
+        original(self, [m for m in modules if ".experts.0." not in m[0]], x, weight)
 
-    monkeypatch.setattr(collect._Observer, "_record", skip_expert_0)
+    monkeypatch.setattr(collect.Observer, "record", skip_expert_0)
     lines = []
     convert(str(src), tmp_path / "out", calibrate=str(text_file), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN,
             progress=False, log=lines.append)
@@ -246,3 +246,39 @@ def test_bad_input_messages(model, text_file, tmp_path, capsys):
         main([str(src), str(tmp_path / "o"), "--calibrate", str(text_file), "--calib-samples", "100"])
     err = capsys.readouterr().err.strip().splitlines()
     assert "fewer than 100 samples x 2048 tokens" in err[-1]
+
+
+def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_path, capsys):
+    """verify --activations: the layer-by-layer inputs are the full model's, and the errors follow from them."""
+    import transformers
+
+    from nvfp4_convert.cli import main
+    from nvfp4_convert.kernels import reference
+    from nvfp4_convert.kernels.common import dequantize
+
+    src = model("llama")
+    out = tmp_path / "out"
+    convert(str(src), out, calibrate=str(text_file), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN, progress=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["verify", str(out), "--source", str(src), "--activations", str(text_file), "--calib-samples",
+              str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-progress", "--json", str(tmp_path / "v.json")])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "W4A4 stored input_scale" in printed and "model.layers.1" in printed
+    got = json.loads((tmp_path / "v.json").read_text())["activations"]["modules"]
+
+    name = "model.layers.1.mlp.down_proj"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    seen = []
+    hf.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    hf(_ids(src, text_file, samples=SAMPLES, seq_len=SEQ_LEN).input_ids)
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    stored = load_all(out)
+    wq = dequantize(stored[f"{name}.weight"], stored[f"{name}.weight_scale"], stored[f"{name}.weight_scale_2"])
+    exact = x.float() @ hf.get_submodule(name).weight.float().T
+    scale = stored[f"{name}.input_scale"]
+    xq = dequantize(*reference.quantize(x, scale), scale)
+    for setting, inputs in (("w4a16", x.float()), ("w4a4", xq)):
+        expected = ((exact - inputs @ wq.T).square().sum() / exact.square().sum()).sqrt().item()
+        assert got[name][setting] == pytest.approx(expected, rel=1e-4), setting
+    assert got[name]["w4a4"] > got[name]["w4a16"] > 0

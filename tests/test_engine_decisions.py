@@ -259,7 +259,7 @@ def checkpoint_modules(folder: Path) -> dict[str, bool]:
     return modules
 
 
-def engine_modules(modules: dict[str, bool], *, lm_head: bool = True) -> list[EngineModule]:
+def engine_modules(modules: dict[str, bool]) -> list[EngineModule]:
     """The modules engines build: FusedMoE containers over the experts, fused Linears, single Linears."""
     out, done = [], set()
     by_layer: dict[str, list[str]] = {}
@@ -280,15 +280,18 @@ def engine_modules(modules: dict[str, bool], *, lm_head: bool = True) -> list[En
                 out.append(EngineModule({k: f"{head}.{v}" for k, v in names.items()}, shards))
                 done.update(shards)
     out += [EngineModule(dict.fromkeys(("vllm", "sglang", "trtllm"), m), (m,)) for m in modules if m not in done]
-    if lm_head and "lm_head" not in modules:  # tied head: engines build it all the same
-        out.append(EngineModule(dict.fromkeys(("vllm", "sglang", "trtllm"), "lm_head"), ("lm_head",)))
     return out
+
+
+def head_name(modules) -> str:
+    """Where the LM head sits in this layout (engines build it even when it is tied to the embeddings)."""
+    return "language_model.lm_head" if any(m.startswith("language_model.model.") for m in modules) else "lm_head"
 
 
 def assert_every_engine_agrees(folder: Path, *, phi3: bool = False, vl: str | None = None) -> dict[str, int]:
     """Each engine's decision for each module equals what the checkpoint holds; returns counts by engine."""
     modules = checkpoint_modules(folder)
-    modules.setdefault("lm_head", False)
+    modules.setdefault(head_name(modules), False)  # a tied head is high precision (it is the embedding)
     parsed = {"vllm": vllm_parse(folder), "sglang": sglang_parse(folder), "trtllm": trtllm_parse(folder)}
     for algo, _, group in parsed.values():
         assert algo == "NVFP4" and group == 16
@@ -334,6 +337,7 @@ CASES = {  # name: (tiny kind, tiny options, convert options)
     "gemma3-vl": ("gemma3", {"tie_word_embeddings": True}, {}),
     "gpt2": ("gpt2", {}, {}),
     "qwen3_moe-exclude-layer-1": ("qwen3_moe", {}, {"excludes": ["model.layers.1.mlp.experts.*"]}),
+    "deepseek_v3-exclude-experts-2": ("deepseek_v3", {"mtp": True}, {"excludes": ["model.layers.2.mlp.experts.*"]}),
     "mixtral-exclude-attention-0": ("mixtral", {}, {"excludes": ["model.layers.0.self_attn.*"]}),
     "qwen3_moe-experts-40-wide": ("qwen3_moe_k40", {}, {}),
     "tied-llama": ("llama", {"tie_word_embeddings": True}, {}),

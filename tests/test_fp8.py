@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from checks import load_all, recompute_check, snapshot
 from nvfp4_convert import ConvertError, convert
-from tiny_models import _load, _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
+from tiny_models import _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
 
 
 def _in_layers_not_router(name: str) -> bool:
@@ -33,7 +33,7 @@ def dequantize_by_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple
 
 def expected_source(fp8_src, dst, block):
     """The BF16 checkpoint the FP8 one stands for: every FP8 weight dequantized, scales gone."""
-    tensors = _load(fp8_src)
+    tensors = load_all(fp8_src)
     out = {}
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
@@ -229,3 +229,28 @@ def test_fp8_dequantized_on_the_gpu_equals_cpu(tmp_path, monkeypatch, chunked):
     report = convert(src, tmp_path / "gpu", backend="triton", max_shard_size="300KB", progress=False)
     assert report.backend == "triton"
     assert snapshot(tmp_path / "gpu") == snapshot(tmp_path / "cpu")
+
+
+def test_fp8_killed_run_resumes_byte_identical(fp8_models, tmp_path):
+    from checks import run_cli
+
+    fp8, _ = fp8_models["deepseek_v3"]
+    args = ["--max-shard-size", "30KB", "--no-progress"]
+    done = run_cli([str(fp8), str(tmp_path / "ref"), *args])
+    assert done.returncode == 0, done.stderr
+    killed = run_cli([str(fp8), str(tmp_path / "out"), *args], kill=("safetensors_io", "ShardWriter.write", 40))
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+    resumed = run_cli([str(fp8), str(tmp_path / "out"), *args])
+    assert resumed.returncode == 0, resumed.stderr
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
+
+
+def test_verify_refuses_an_fp8_source_in_one_line(fp8_models, tmp_path):
+    from nvfp4_convert.verify import verify
+
+    fp8, _ = fp8_models["qwen3_moe"]
+    convert(str(fp8), tmp_path / "out", progress=False)
+    assert verify(tmp_path / "out", progress=False).ok
+    with pytest.raises(ConvertError, match="comparing with an FP8 source is not supported"):
+        verify(tmp_path / "out", source=str(fp8), progress=False)

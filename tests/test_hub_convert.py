@@ -39,3 +39,47 @@ def test_keep_source(tiny, fake_hub, tmp_path):
     convert("org/tiny", tmp_path / "out", endpoint=fake_hub.url, work_dir=tmp_path / "work", keep_source=True,
             progress=False)
     assert len(list(Path(tmp_path / "work").glob("*.safetensors"))) == 7
+
+
+def test_interrupt_during_a_stalled_download_ends_at_once_in_one_line(tiny, fake_hub, tmp_path):
+    """Ctrl-C (twice, as impatient users do) while a shard download hangs: the run ends within seconds,
+    with one line and no traceback, and the same command then resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nvfp4_convert.sources import LocalSource
+
+    src = tiny("llama")
+    fake_hub.add_repo("org/tiny", src)
+    shards = LocalSource(src).shards
+    fake_hub.stall[shards[2]] = 1
+    out = tmp_path / "out"
+    args = ["org/tiny", str(out), "--endpoint", fake_hub.url, "--max-shard-size", "30KB", "--no-progress"]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), HF_HUB_DOWNLOAD_TIMEOUT="60")
+    child = subprocess.Popen([sys.executable, "-c", "from nvfp4_convert.cli import main; main()", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(r.path.endswith(shards[2]) and r.method == "GET" and not r.range for r in fake_hub.requests):
+        assert time.monotonic() < deadline and child.poll() is None, child.stderr.read() if child.poll() else ""
+        time.sleep(0.05)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = child.communicate(timeout=30)
+    assert time.monotonic() - start < 6
+    assert child.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted; run the same command again to resume"], err
+    resumed = subprocess.run([sys.executable, "-c", "from nvfp4_convert.cli import main; main()", *args], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert snapshot(out) == snapshot(convert_locally(src, tmp_path / "local"))
+
+
+def convert_locally(src: Path, out: Path) -> Path:
+    convert(str(src), out, max_shard_size="30KB", progress=False)
+    return out

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from checks import load_all, raw_bytes
+from modelopt_oracle import modelopt_export
 from nvfp4_convert import convert
 from nvfp4_convert.kernels import reference
 from nvfp4_convert.kernels.common import global_scale
-from test_modelopt_export import modelopt_export
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,10 @@ def test_stacked_experts_quantized_along_their_input_axis(tiny_llama4, tmp_path)
         assert raw_bytes(out[f"{stacked}_weight_scale_2"]) == raw_bytes(ws2)
         assert out[f"{stacked}_input_scale"].item() == 1.0
     assert "model.layers.0.feed_forward.router" in report.plan.exclude_modules
+    from nvfp4_convert.verify import verify
+
+    checked = verify(tmp_path / "out", progress=False)
+    assert checked.ok, [v.line() for v in checked.violations]
 
 
 def test_stacked_experts_equal_modelopt_export(tiny_llama4, tmp_path):

@@ -138,16 +138,6 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
     return path
 
 
-def _load(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors = {}
-    for shard in sorted(folder.glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors
-
-
 def _save_sharded(folder: Path, tensors: dict[str, torch.Tensor], config: dict, shard_bytes: int,
                   *, last: set[str] = frozenset()) -> None:
     """Shards of about ``shard_bytes`` in the given order; tensors in ``last`` go to a final shard of their own."""
@@ -181,7 +171,9 @@ def add_mtp_layer(src: Path, dst: Path) -> Path:
     import shutil
 
     config = json.loads((src / "config.json").read_text())
-    tensors = _load(src)
+    from checks import load_all
+
+    tensors = load_all(src)
     n = config["num_hidden_layers"]
     last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
     extra = {mtp + k[len(last):]: v.clone() for k, v in tensors.items() if k.startswith(last)}
@@ -228,7 +220,9 @@ def make_fp8(src: Path, dst: Path, *, block: tuple[int, int], is_fp8, shard_byte
     config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
                                      "weight_block_size": list(block)}
     out: dict[str, torch.Tensor] = {}
-    for name, t in _load(src).items():
+    from checks import load_all
+
+    for name, t in load_all(src).items():
         if t.dim() == 2 and is_fp8(name):
             out[name], out[f"{name}_scale_inv"] = fp8_quantize(t, block)
         else:

@@ -51,31 +51,36 @@ class LinearStats:
         return (self.sumsq / max(self.tokens, 1)).float()
 
 
-class _Observer(TorchFunctionMode):
-    """Sees every ``F.linear`` call and credits its input to the checkpoint modules whose weight rows it uses."""
+class Observer(TorchFunctionMode):
+    """Sees every ``F.linear`` call and credits its input to the checkpoint modules whose weight rows it uses.
 
-    def __init__(self, layer: torch.nn.Module, rows: dict[str, tuple[str, int, int]], wanted: set[str]):
+    This one records :class:`LinearStats`; subclasses override :meth:`record` to measure other things.
+    """
+
+    def __init__(self, layer: torch.nn.Module, rows: dict[str, tuple[str, int, int]], wanted: set[str],
+                 index: int):
         super().__init__()
         self.params = {p.untyped_storage().data_ptr(): (n, p) for n, p in layer.named_parameters() if p.dim() >= 2}
         self.rows: dict[str, list[tuple[int, int, str]]] = {}
         for name, (param, first, count) in rows.items():
             if name.endswith(".weight") and name[: -len(".weight")] in wanted:
                 self.rows.setdefault(param, []).append((first, first + count, name[: -len(".weight")]))
-        self.cache: dict[tuple[int, int, int], list[str]] = {}
-        self.stats: dict[str, LinearStats] = {}
+        self.cache: dict[tuple[int, int, int], list[tuple[str, int, int]]] = {}
+        self.stats: dict = {}
         self._last: tuple | None = None  # q/k/v (gate/up) read the same input tensor: reduce it once
 
-    def _modules(self, weight: torch.Tensor) -> list[str]:
+    def _modules(self, weight: torch.Tensor) -> list[tuple[str, int, int]]:
+        """``(module, first row, stop row)`` of each checkpoint module held by ``weight`` (rows of ``weight``)."""
         key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), weight.numel())
         if key not in self.cache:
-            found: list[str] = []
+            found: list[tuple[str, int, int]] = []
             owner = self.params.get(key[0])
             if owner is not None and weight.is_contiguous() and weight.shape[-1] == owner[1].shape[-1]:
                 name, param = owner
                 k = param.shape[-1]
                 first = (weight.storage_offset() - param.storage_offset()) // k
                 stop = first + weight.numel() // k
-                found = [m for a, b, m in self.rows.get(name, []) if a >= first and b <= stop]
+                found = [(m, a - first, b - first) for a, b, m in self.rows.get(name, []) if a >= first and b <= stop]
             self.cache[key] = found
         return self.cache[key]
 
@@ -86,10 +91,10 @@ class _Observer(TorchFunctionMode):
             weight = args[1] if len(args) > 1 else kwargs["weight"]
             modules = self._modules(weight)
             if modules:
-                self._record(modules, x)
+                self.record(modules, x, weight)
         return func(*args, **kwargs)
 
-    def _record(self, modules: list[str], x: torch.Tensor) -> None:
+    def record(self, modules: list[tuple[str, int, int]], x: torch.Tensor, weight: torch.Tensor) -> None:
         flat = x.reshape(-1, x.shape[-1])
         if not flat.numel():
             return
@@ -99,7 +104,7 @@ class _Observer(TorchFunctionMode):
             amax = flat.abs().amax().float()
             sumsq = flat.float().square().sum(0).double()
             self._last = (x, x._version, amax, sumsq)
-        for m in modules:
+        for m, _, _ in modules:
             s = self.stats.get(m)
             if s is None:
                 self.stats[m] = LinearStats(amax.clone(), sumsq.clone(), flat.shape[0])
@@ -112,6 +117,7 @@ class _Observer(TorchFunctionMode):
 def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationData, device: str | None = None,
                        state_dir: Path | None = None, state_key: str = "", progress: bool = True,
                        checkpoint_seconds: float | None = None, batch_tokens: int = BATCH_TOKENS,
+                       modules: set[str] | None = None, observer: Callable[..., Observer] = Observer,
                        log: Callable[[str], None] = print) -> dict[str, LinearStats]:
     """Run ``data`` through the source model layer by layer and return each quantized Linear's statistics.
 
@@ -126,6 +132,9 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
         state_key: what else saved statistics must have been made with (e.g. the conversion's fingerprint).
         checkpoint_seconds: how often to save the hidden states (default :data:`CHECKPOINT_SECONDS`).
         batch_tokens: tokens per forward batch.
+        modules: the Linears to observe (default: the plan's quantized ones).
+        observer: what observes them (``observer(layer, rows, modules, layer_index)``); the default records
+            :class:`LinearStats`, and the result maps each module to what its observer's ``stats`` holds.
     """
     checkpoint_seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -172,18 +181,18 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
             layer = layer_list[i]
             L.load_into(model, shards.tensors(by_layer[i]), dtype=dtype, device=dev)
             L.to_device(layer, dev)
-            wanted = {m for m in plan.quantized if m.startswith(f"{prefix}.{i}.")}
-            observer = _Observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer), wanted)
-            with torch.no_grad(), observer:
+            wanted = {m for m in (plan.quantized if modules is None else modules) if m.startswith(f"{prefix}.{i}.")}
+            watching = observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer), wanted, i)
+            with torch.no_grad(), watching:
                 for b in batches:
                     out = layer(hidden[b], **kwargs_by_size[b.stop - b.start][i])
                     hidden[b] = out[0] if isinstance(out, tuple) else out
             L.free(layer)
             shards.release_unneeded(by_layer[i + 1] if i + 1 < count else [])
-            _check_finite(observer.stats)
-            done[i] = observer.stats
+            _check_finite(watching.stats)
+            done[i] = watching.stats
             if store:
-                store.save_layer(i, observer.stats)
+                store.save_layer(i, watching.stats)
                 if time.monotonic() - last_checkpoint >= checkpoint_seconds and i + 1 < count:
                     store.save_hidden(i + 1, hidden)
                     last_checkpoint = time.monotonic()
@@ -223,7 +232,7 @@ def _tensors_by_layer(plan: Plan, prefix: str, count: int, *, where: str) -> tup
 
 def _check_finite(stats: dict[str, LinearStats]) -> None:
     for module, s in stats.items():
-        if not torch.isfinite(s.amax):
+        if isinstance(s, LinearStats) and not torch.isfinite(s.amax):
             raise ConvertError(f"calibration activations reach {s.amax.item()} at the input of {module}",
                                where="calibration", fix="The model overflows in its dtype on this data; "
                                "check the weights, or convert without --calibrate")

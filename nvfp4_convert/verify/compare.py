@@ -17,6 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..constants import SCALE_SUFFIXES
+from ..errors import ConvertError
+from ..fp8 import source_flavour
 from ..kernels.common import BLOCK, dequantize, grid_position, is_dust, unpack_codes
 from ..kernels.reference import cast_e2m1
 from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
@@ -80,6 +82,9 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
     nvfp4 = set(quantized)
     seen: set[str] = set()
     try:
+        if "config.json" in source.files and source_flavour(source.read_json("config.json"), where=source.description):
+            raise ConvertError("comparing with an FP8 source is not supported", where=source.description,
+                               fix="Compare with the BF16 version of the checkpoint, or run verify without --source")
         headers = source.headers()
         total = sum(i.nbytes for h in headers.values() for i in h.tensors.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="compare", disable=not progress) as bar:
