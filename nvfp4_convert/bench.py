@@ -239,7 +239,8 @@ def run_bench(
         if rows < 1 or cols < 16 or cols % 16:
             raise ConvertError(f"cannot time shape {rows}x{cols}", where="--shape",
                                fix=f"Use ROWSxCOLS with ROWS >= 1 and COLS a positive multiple of {BLOCK}")
-    repeats = max(1, int(repeats))
+    if repeats < 1:
+        raise ConvertError(f"cannot time {repeats} calls", where="--repeats", fix="Give 1 or more")
     names = backends or [b.name for b in sorted(kernels.backends().values(), key=lambda b: -b.priority)
                          if b.device == device and b.name != "reference"]
     unknown = sorted(set(names) - set(kernels.backends()))

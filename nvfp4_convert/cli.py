@@ -134,7 +134,7 @@ def convert(
         metavar="NAME", help="Quantize with this backend ('nvfp4-convert bench' lists them; default: the "
                              "fastest that proves itself here).")] = None,
     exact: Annotated[bool, _flag("--exact", help="Only use backends bit-exact with ModelOpt.")] = False,
-    threads: Annotated[int | None, typer.Option(metavar="N", min=1, help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[int | None, typer.Option(metavar="N", help="CPU threads (default: all cores).")] = None,
     dry_run: Annotated[bool, _flag("--dry-run", help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, _flag("--overwrite", help="Replace a previous conversion in OUT.")] = False,
     progress: ProgressOpt = True,
@@ -276,7 +276,7 @@ def bench(
     shape: Annotated[list[str] | None, typer.Option(
         metavar="RxK", help="Weight shape to time (repeatable), e.g. 8192x8192.")] = None,
     sweep: Annotated[bool, _flag("--sweep", help="Time every M x K of M in 1..32768 and K in 128..16384.")] = False,
-    repeats: Annotated[int, typer.Option(metavar="N", min=1, help="Timed calls per shape (the median is shown).")] = 5,
+    repeats: Annotated[int, typer.Option(metavar="N", help="Timed calls per shape (the median is shown).")] = 5,
     csv: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the results to this CSV file.")] = None,
     plot: Annotated[Path | None, typer.Option(
         metavar="FILE", help="Also plot the speedups to this PNG (needs the 'plot' extra).")] = None,

@@ -101,7 +101,8 @@ def test_help_and_version_do_not_import_torch():
     (["bench", "--shape", "8x20"], ["cannot time shape 8x20", "multiple of 16"]),
     (["bench", "--backend", "nope"], ["unknown backend 'nope'"]),
     (["bench", "--dtype", "int4"], ["unknown dtype 'int4'"]),
-    (["convert", "a", "b", "--threads", "-1"], ["--threads", "greater than or equal to 1"]),
+    (["convert", "a", "b", "--threads", "-1"], ["--threads must be a whole number"]),
+    (["bench", "--repeats", "0"], ["cannot time 0 calls", "--repeats"]),
     (["convert", "a", "b", "--dry-run", "true"], ["unexpected extra argument", "convert --help"]),
     (["convert"], ["Missing argument 'SRC'"]),
 ])
