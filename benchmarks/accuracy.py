@@ -116,7 +116,7 @@ def dequantized_weights(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(Path(folder).glob("*.safetensors")):
         tensors.update(load_file(shard))
     out = {}
-    for name in tensors:
+    for name in list(tensors):
         if name.endswith(".weight_scale"):
             module = name.removesuffix(".weight_scale")
             out[f"{module}.weight"] = dequantize(tensors[f"{module}.weight"], tensors[name],

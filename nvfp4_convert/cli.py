@@ -135,6 +135,10 @@ def convert(
                              "fastest that proves itself here).")] = None,
     exact: Annotated[bool, _flag("--exact", help="Only use backends bit-exact with ModelOpt.")] = False,
     threads: Annotated[int | None, typer.Option(metavar="N", help="CPU threads (default: all cores).")] = None,
+    scales: Annotated[str, typer.Option(
+        metavar="rtn|mse|mse-weighted", help="Block scales: rtn (from each block's max), mse (least squared error, "
+        "as ModelOpt's MSE calibration) or mse-weighted (least error weighted per input channel by a data-free "
+        "importance estimate).")] = "rtn",
     dry_run: Annotated[bool, _flag("--dry-run", help="Print the plan and exit; write nothing.")] = False,
     overwrite: Annotated[bool, _flag("--overwrite", help="Replace a previous conversion in OUT.")] = False,
     progress: ProgressOpt = True,
@@ -163,7 +167,8 @@ def convert(
     report = run_convert(
         src, out, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir, keep_source=keep_source,
         recipe_file=recipe, excludes=exclude or [], weight_only=weight_only, max_shard_size=max_shard_size,
-        backend=backend, exact=exact, threads=threads, dry_run=dry_run, overwrite=overwrite, progress=progress,
+        backend=backend, exact=exact, threads=threads, scales=scales, dry_run=dry_run, overwrite=overwrite,
+        progress=progress,
         calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
         calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
     )

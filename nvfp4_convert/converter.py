@@ -12,7 +12,9 @@ import torch
 from . import __version__, calibration, pipeline
 from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
+from .importance import ChannelWeights, DataFreeProxy
 from .kernels import Backend
+from .kernels.search import SCALE_MODES
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
 from .plan import EXPERT_MODULE, Plan, build_plan, check_not_quantized
 from .publish import MODEL_CARD, card_license
@@ -66,6 +68,8 @@ def convert(
     backend: str | None = None,
     exact: bool = False,
     threads: int | None = None,
+    scales: str = "rtn",
+    channel_weights: ChannelWeights | None = None,
     dry_run: bool = False,
     overwrite: bool = False,
     progress: bool = True,
@@ -94,6 +98,11 @@ def convert(
         backend: force a quantize backend by name (default: the fastest that proves itself here).
         exact: only accept backends bit-exact with ModelOpt.
         threads: CPU threads for CPU backends (default: all cores).
+        scales: how block scales are chosen: ``"rtn"`` (from each block's max, ModelOpt's default),
+            ``"mse"`` (least squared error over every E4M3 scale, bit-exact with ModelOpt 0.47's MSE weight
+            calibration export) or ``"mse-weighted"`` (least error weighted per input channel).
+        channel_weights: where ``mse-weighted`` gets its per-input-channel weights (default: the data-free
+            proxy of :class:`~nvfp4_convert.importance.DataFreeProxy`; calibration passes measured ones).
         dry_run: plan only; write nothing.
         overwrite: replace an output folder that holds something else.
         progress: show progress bars.
@@ -114,6 +123,9 @@ def convert(
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 4096):
         raise ConvertError(f"--threads must be a whole number from 1 to 4096, not {threads!r}", where="--threads",
                            fix="Pass a positive thread count, or leave it out to use every core")
+    if scales not in SCALE_MODES:
+        raise ConvertError(f"unknown block-scale mode {scales!r}", where="--scales",
+                           fix=f"Use one of: {', '.join(SCALE_MODES)}")
     source = open_source(src, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir,
                          keep_source=keep_source)
     output = None
@@ -141,16 +153,19 @@ def convert(
             return report
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
         checking = time.perf_counter()
-        chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes)
+        chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes, scales=scales)
         report.check_seconds = time.perf_counter() - checking
-        report.backend, report.backend_reason = chosen.name, reason
-        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size,
+        report.backend, report.backend_reason, report.scales = chosen.name, reason, scales
+        if scales == "mse-weighted" and channel_weights is None:
+            channel_weights = DataFreeProxy(config, set(plan.tensors))
+        fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size, scales=scales,
                                    calibration=data.fingerprint() if data is not None else None)
         copied = _copied_files(source)
         files = [*(s.filename for s in plan.shards), *copied, *sorted(_REWRITTEN)]
         output = OutputDir(Path(out), fingerprint=fingerprint, files=files, sources=_shard_sources(source, plan),
                            overwrite=overwrite, log=log)
-        _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log)
+        _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log,
+                      scales=scales, channel_weights=channel_weights)
         for name in copied:
             copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
@@ -176,6 +191,7 @@ def conversion_info(report: Report, *, source_revision: str | None, command: str
         "quant_algo": report.quant_algo,
         "activation_policy": report.activation_policy,
         "backend": report.backend,
+        "scales": report.scales,
         "quantized_modules": len(plan.quantized),
         "kept_tensors": len(plan.tensors) - len(plan.quantized),
         "exclude_modules": plan.exclude_modules,
@@ -198,13 +214,13 @@ def _read_config(source: Source) -> dict:
 
 
 def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
-                    dtypes: tuple[torch.dtype, ...] | None) -> tuple[Backend, str]:
+                    dtypes: tuple[torch.dtype, ...] | None, scales: str = "rtn") -> tuple[Backend, str]:
     from .kernels import selfcheck
 
     if threads:
         torch.set_num_threads(threads)
     try:
-        backend, reason = selfcheck.select_proven_backend(name, exact=exact, dtypes=dtypes)
+        backend, reason = selfcheck.select_proven_backend(name, exact=exact, dtypes=dtypes, scales=scales)
     except (KeyError, RuntimeError) as exc:
         raise ConvertError(str(exc).strip("'\""), where="--backend",
                            fix="Run `nvfp4-convert bench` to list backends") from None
@@ -214,7 +230,7 @@ def _choose_backend(name: str | None, *, exact: bool, threads: int | None,
 
 
 def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, weight_only: bool,
-                 shard_size: int, *, calibration: str | None = None) -> str:
+                 shard_size: int, *, scales: str = "rtn", calibration: str | None = None) -> str:
     import hashlib
     import json
 
@@ -226,24 +242,27 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, w
         "max_shard_size": shard_size,
         "numerics": "exact" if backend.exact else backend.name,
     }
+    if scales != "rtn":  # absent for rtn, so outputs of earlier versions still resume
+        doc["scales"] = scales
     if calibration is not None:
         doc["calibration"] = calibration  # sha256 of the calibration token ids
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *,
-                  progress: bool, config: dict, data=None, log: Callable[[str], None] = print) -> None:
+                  progress: bool, config: dict, data=None, log: Callable[[str], None] = print,
+                  scales: str = "rtn", channel_weights: ChannelWeights | None = None) -> None:
     todo = []
     for shard in plan.shards:
         if output.finished(shard.filename):
             report.skipped_shards.append(shard.filename)
         else:
             todo.append(shard)
-    scales = None
+    input_scales = None
     if data is not None and todo and not plan.weight_only:
-        scales = _calibrated_input_scales(source, plan, config, data, output, progress=progress, log=log)
+        input_scales = _calibrated_input_scales(source, plan, config, data, output, progress=progress, log=log)
     pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress,
-                 input_scales=scales)
+                 input_scales=input_scales, scales=scales, channel_weights=channel_weights)
 
 
 def _calibration_data(source: Source, dataset: str, *, samples: int, seq_len: int, column: str | None,

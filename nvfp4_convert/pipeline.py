@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from .errors import ConvertError
 from .fp8 import check_scale_values, dequantize
-from .kernels import Backend, reference
+from .importance import ChannelWeights
+from .kernels import Backend, reference, search
 from .kernels.common import global_scale, is_dust
 from .output import OutputDir
 from .plan import OutputShard, Plan, Unit
@@ -53,16 +54,25 @@ def unit_bytes(unit: Unit, plan: Plan) -> int:
 
 
 def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputShard], backend: Backend,
-        progress: bool = True, input_scales: dict[str, torch.Tensor] | None = None) -> None:
+        progress: bool = True, input_scales: dict[str, torch.Tensor] | None = None, scales: str = "rtn",
+        channel_weights: ChannelWeights | None = None) -> None:
     """Produce ``shards`` (the plan's unfinished output shards) into ``output``.
 
     ``input_scales`` are calibrated per-module values; without them every ``input_scale`` is 1.0.
+
+    With ``scales`` ``"mse"`` or ``"mse-weighted"`` block scales come from ``backend.search``; the weighted
+    search asks ``channel_weights`` for each module's weights. Those may read other source tensors (a
+    layer's norms, its v/gate/up for o/down): their shards are held as the unit's own, and units within
+    each output shard run in ``channel_weights.order`` (a layer's readers after what they read).
     """
-    steps = [(i, unit) for i, shard in enumerate(shards) for unit in shard.units]
+    weighted = channel_weights if scales == "mse-weighted" else None
+    steps = [(i, unit) for i, shard in enumerate(shards)
+             for unit in (sorted(shard.units, key=lambda u: _order(u, weighted)) if weighted else shard.units)]
+    unit_sources = [_sources(u, plan, weighted) for _, u in steps]
     sizes = [unit_bytes(u, plan) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
-    ahead = _ReadAhead(source=source, plan=plan, units=[u for _, u in steps], sources=[u.sources for _, u in steps],
-                       sizes=sizes, budget=max(BUDGET_LARGEST * largest, MIN_BUDGET_BYTES), backend=backend)
+    ahead = _ReadAhead(source=source, plan=plan, units=[u for _, u in steps], sources=unit_sources, sizes=sizes,
+                       budget=max(BUDGET_LARGEST * largest, MIN_BUDGET_BYTES), backend=backend)
     writes = _Writes(limit=WRITE_QUEUE_BYTES)
     writer: ShardWriter | None = None
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="converting", disable=not progress,
@@ -74,7 +84,8 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
             ahead.fill(may_acquire=True)
             loaded = ahead.take(pos)
             ahead.fill(may_acquire=False)  # keep the reader busy while this unit is computed
-            _process(unit, plan, loaded, ahead.paths(pos), writer, writes, backend, input_scales or {})
+            _process(unit, plan, loaded, ahead.paths(pos), writer, writes, backend, input_scales or {}, scales,
+                     weighted)
             del loaded
             ahead.done(pos)
             bar.update(sizes[pos])
@@ -289,8 +300,21 @@ def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield start, weight[start : start + step]
 
 
+def _order(unit: Unit, weights: ChannelWeights) -> tuple:
+    return max((weights.order(m) for m in unit.modules), default=())
+
+
+def _sources(unit: Unit, plan: Plan, weights: ChannelWeights | None) -> frozenset[str]:
+    """The source shards a unit needs: its own, and those of the tensors its channel weights read."""
+    if weights is None:
+        return unit.sources
+    extra = {plan.tensors[r].shard for m in unit.modules for t in weights.needs(m) for r in plan.reads(t)}
+    return unit.sources | extra
+
+
 def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
-             writes: _Writes, backend: Backend, input_scales: dict[str, torch.Tensor]) -> None:
+             writes: _Writes, backend: Backend, input_scales: dict[str, torch.Tensor], scales: str = "rtn",
+             weighted: ChannelWeights | None = None) -> None:
     if unit.kept:
         if loaded is not None or unit.kept not in plan.fp8:
             data = loaded.tensors[unit.kept] if loaded is not None else _map(unit.kept, plan, paths)
@@ -301,7 +325,7 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
             writes.submit(writer.write, unit.kept, rows, at, nbytes=rows.numel() * rows.element_size())
         return
     if unit.stacked:
-        return _process_stacked(unit.stacked, plan, loaded, paths, writer, writes, backend)
+        return _process_stacked(unit.stacked, plan, loaded, paths, writer, writes, backend, scales)
     group_amax = torch.tensor(0.0)
     for module in unit.modules:
         name = f"{module}.weight"
@@ -311,35 +335,48 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
                                fix="Fix the source weights, or --exclude this module to keep it unquantized")
         group_amax = torch.maximum(group_amax, amax)
     ws2 = global_scale(group_amax).reshape(())
-    quantize = _quantize_dust if is_dust(group_amax) else backend.quantize
+    dust = is_dust(group_amax)
+    quantize = _quantize_dust if dust else backend.quantize
+    searched = search.quantize if dust or backend.search is None else backend.search
     for module in unit.modules:
         k = plan.tensors[f"{module}.weight"].info.shape[1]
+        h = None
+        if weighted is not None:
+            h = weighted.weights(module, lambda name: _rows(name, plan, paths, None))
         for start, w in _rows(f"{module}.weight", plan, paths, loaded):
-            packed, scales = quantize(w, ws2)
+            if scales == "rtn":
+                packed, block_scales = quantize(w, ws2)
+            else:
+                packed, block_scales = searched(w.cpu(), group_amax, h)
             writes.submit(writer.write, f"{module}.weight", packed, start * (k // 2), nbytes=packed.numel())
-            writes.submit(writer.write, f"{module}.weight_scale", scales, start * (k // 16), nbytes=scales.numel())
+            writes.submit(writer.write, f"{module}.weight_scale", block_scales, start * (k // 16),
+                          nbytes=block_scales.numel())
         writes.submit(writer.write, f"{module}.weight_scale_2", ws2, nbytes=4)
         if not plan.weight_only:
             writes.submit(writer.write, f"{module}.input_scale", input_scales.get(module, _ONE), nbytes=4)
 
 
 def _process_stacked(name: str, plan: Plan, loaded: _Loaded | None, paths: dict[str, Path], writer: ShardWriter,
-                     writes: _Writes, backend: Backend) -> None:
+                     writes: _Writes, backend: Backend, scales: str = "rtn") -> None:
     """A fused ``[E, in, out]`` expert tensor: one global scale for all of it, each expert's transpose
-    quantized along ``in`` and written back transposed (see :mod:`.stacked`)."""
+    quantized along ``in`` and written back transposed (see :mod:`.stacked`). ``mse-weighted`` has no
+    proxy for these and searches them unweighted."""
     stacked = loaded.tensors[name] if loaded is not None else _map(name, plan, paths)
     amax = loaded.amax[name] if loaded is not None else _amax(stacked, backend).cpu()
     if not torch.isfinite(amax):
         raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
                            fix="Fix the source weights, or --exclude this module to keep it unquantized")
     ws2 = global_scale(amax).reshape(())
-    quantize = _quantize_dust if is_dust(amax) else backend.quantize
+    dust = is_dust(amax)
+    quantize = _quantize_dust if dust else backend.quantize
+    searched = search.quantize if dust or backend.search is None else backend.search
     experts, k, n = stacked.shape
     for e in range(experts):
-        packed, scales = quantize(stacked[e].t().contiguous(), ws2)
-        packed, scales = packed.t().contiguous(), scales.t().contiguous()
+        rows = stacked[e].t().contiguous()
+        packed, block = quantize(rows, ws2) if scales == "rtn" else searched(rows.cpu(), amax, None)
+        packed, block = packed.t().contiguous(), block.t().contiguous()
         writes.submit(writer.write, name, packed, e * packed.numel(), nbytes=packed.numel())
-        writes.submit(writer.write, f"{name}_weight_scale", scales, e * scales.numel(), nbytes=scales.numel())
+        writes.submit(writer.write, f"{name}_weight_scale", block, e * block.numel(), nbytes=block.numel())
     writes.submit(writer.write, f"{name}_weight_scale_2", ws2, nbytes=4)
     if not plan.weight_only:
         writes.submit(writer.write, f"{name}_input_scale", _ONE, nbytes=4)

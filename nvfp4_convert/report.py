@@ -29,6 +29,7 @@ class Report:
     recipe: Recipe = field(repr=False)
     backend: str = ""
     backend_reason: str = ""
+    scales: str = "rtn"  # how block scales were chosen (rtn, mse, mse-weighted)
     activation_policy: str = ""
     seconds: float = 0.0  # the whole call
     check_seconds: float = 0.0  # of which choosing and proving the backend

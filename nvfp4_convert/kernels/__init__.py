@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import reference
+from . import reference, search
 
 QuantizeFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 AmaxFn = Callable[[torch.Tensor], torch.Tensor]
+SearchFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class Backend:
         priority: higher wins in automatic selection among available backends of the same device.
         set_threads: sets how many CPU threads it uses (``--threads``), for backends that have a say.
         quantize_device: like ``quantize`` but leaves the outputs on the GPU (CUDA backends).
+        search: the ``mse``/``mse-weighted`` block-scale search (see :mod:`.search`):
+            ``(weight [R, K], global amax, channel weights [K] or None) -> (packed, scales)`` on the CPU;
+            None when the backend has none.
     """
 
     name: str
@@ -50,6 +54,7 @@ class Backend:
     description: str = ""
     set_threads: Callable[[int], None] | None = None
     quantize_device: QuantizeFn | None = None
+    search: SearchFn | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -115,4 +120,5 @@ _REGISTRY["reference"] = Backend(
     device="cpu",
     priority=-100,
     description="pure torch, bit-exact with ModelOpt 0.47; slow but runs anywhere",
+    search=search.quantize,
 )

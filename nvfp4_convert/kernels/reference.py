@@ -41,10 +41,15 @@ def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, tor
     rows, k = weight.shape
     assert k % BLOCK == 0, "K must be a multiple of 16"
     ws2 = ws2.to(device=weight.device, dtype=torch.float32)
-    blocks = weight.view(rows, k // BLOCK, BLOCK)
-    scales = block_scales(blocks, ws2)
-    scaled = blocks / (scales.float() * ws2).unsqueeze(-1)
-    return pack_codes(cast_e2m1(scaled.view(rows, k))), scales
+    scales = block_scales(weight.view(rows, k // BLOCK, BLOCK), ws2)
+    return encode(weight, scales, ws2), scales
+
+
+def encode(weight: torch.Tensor, scales: torch.Tensor, ws2: torch.Tensor) -> torch.Tensor:
+    """Packed E2M1 codes ``uint8 [R, K/2]`` of ``weight`` ``[R, K]`` under given block scales and ``ws2``."""
+    rows, k = weight.shape
+    scaled = weight.view(rows, k // BLOCK, BLOCK) / (scales.float() * ws2).unsqueeze(-1)
+    return pack_codes(cast_e2m1(scaled.view(rows, k)))
 
 
 def amax(weight: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from ..constants import E2M1_BOUNDS, E2M1_GRID
-from . import Backend, candidates, explicit_backend, reference
+from . import Backend, candidates, explicit_backend, reference, search
 from .common import BLOCK, dequantize, global_scale, grid_position, unpack_codes
 
 SCALE_STEP_FRACTION = 0.005
@@ -248,6 +248,55 @@ def _check_approx(p: Probe, packed, scales, want_packed, want_scales, tally: _Ta
     return None
 
 
+def channel_weights_for(p: Probe) -> torch.Tensor:
+    """Deterministic, widely spread per-input-channel weights for a probe (the ``mse-weighted`` check)."""
+    g = torch.Generator().manual_seed(p.weight.shape[1])
+    return torch.exp(2.0 * torch.randn(p.weight.shape[1], generator=g)).float()
+
+
+def _search_args(p: Probe, scales: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The global amax a search probe runs with (a fused partner's, larger, on some) and its weights."""
+    amax = reference.amax(p.weight)
+    if p.name.startswith(("normal", "rows3")):
+        amax = amax * 1.7
+    return amax, channel_weights_for(p) if scales == "mse-weighted" else None
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_search(scales: str, dtypes: tuple[torch.dtype, ...]) -> tuple:
+    out = []
+    for p in _probe_set(False, dtypes):
+        if p.name.startswith("all-zero") or p.weight.numel() > 8192 * 2:
+            continue  # the sweep reference is slow; the large probes are covered by the rtn check
+        amax, h = _search_args(p, scales)
+        out.append((p, amax, h, *search.quantize(p.weight, amax, h)))
+    return tuple(out)
+
+
+def prove_search(backend: Backend, scales: str, *, dtypes: tuple[torch.dtype, ...] | None = None) -> ProofResult:
+    """Check ``backend.search`` bit for bit against :mod:`.search` on the probe set, in mode ``scales``."""
+    start = time.perf_counter()
+    if backend.search is None:
+        raise BackendRefused(backend.name, f"has no {scales} block-scale search")
+    expected = _expected_search(scales, tuple(d for d in ALL_DTYPES if d in (dtypes or ALL_DTYPES)))
+    elements = 0
+    for p, amax, h, want_packed, want_scales in expected:
+        try:
+            packed, scales_out = backend.search(p.weight, amax, h)
+        except Exception as exc:  # any failure refuses the backend
+            raise BackendRefused(backend.name,
+                                 f"{scales} search raised {type(exc).__name__}: {exc} on {_where(p)}") from exc
+        got, want = scales_out.view(torch.uint8), want_scales.view(torch.uint8)
+        if not torch.equal(got, want):
+            raise BackendRefused(backend.name, f"{scales} block scales differ from the reference at "
+                                               f"{_first_diff(got, want)} on {_where(p)}")
+        if not torch.equal(packed, want_packed):
+            raise BackendRefused(backend.name, f"{scales} codes differ from the reference at "
+                                               f"{_first_diff(packed, want_packed)} on {_where(p)}")
+        elements += p.weight.numel()
+    return ProofResult(backend.name, True, len(expected), elements, time.perf_counter() - start)
+
+
 def prove(backend: Backend, *, large: bool | None = None, dtypes: tuple[torch.dtype, ...] | None = None) -> ProofResult:
     """Run the probe set through ``backend`` and compare with the reference.
 
@@ -295,8 +344,15 @@ def prove(backend: Backend, *, large: bool | None = None, dtypes: tuple[torch.dt
     return ProofResult(backend.name, all_equal, len(expected), tally.elements, time.perf_counter() - start)
 
 
+def _prove_all(backend: Backend, dtypes, scales: str) -> ProofResult:
+    proof = prove(backend, dtypes=dtypes)
+    if scales != "rtn":
+        prove_search(backend, scales, dtypes=dtypes)
+    return proof
+
+
 def select_proven_backend(name: str | None = None, *, device: str | None = None, exact: bool = False,
-                          dtypes: tuple[torch.dtype, ...] | None = None) -> tuple[Backend, str]:
+                          dtypes: tuple[torch.dtype, ...] | None = None, scales: str = "rtn") -> tuple[Backend, str]:
     """Choose the fastest available backend that passes :func:`prove` (see :func:`..kernels.candidates`).
 
     Args:
@@ -305,6 +361,8 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
         device: restrict automatic choice to ``"cpu"`` or ``"cuda"``.
         exact: accept bit-exact backends only (``--exact``).
         dtypes: input dtypes the backend must handle (see :func:`prove`).
+        scales: block-scale mode; for ``mse``/``mse-weighted`` the backend's search must also pass
+            :func:`prove_search`.
 
     Returns:
         ``(backend, reason)``; the reason says why it was chosen, how it was proven, and which faster
@@ -314,7 +372,7 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
         backend = explicit_backend(name)
         if exact and not backend.exact:
             raise RuntimeError(f"backend {name!r} is approximate; --exact needs a bit-exact backend")
-        return backend, f"chosen with --backend; {prove(backend, dtypes=dtypes).summary()}"
+        return backend, f"chosen with --backend; {_prove_all(backend, dtypes, scales).summary()}"
     notes = []
     for backend, why_not in candidates(device):
         if why_not is None and exact and not backend.exact:
@@ -322,8 +380,11 @@ def select_proven_backend(name: str | None = None, *, device: str | None = None,
         if why_not:
             notes.append(f"{backend.name}: {why_not}")
             continue
+        if scales != "rtn" and backend.search is None:
+            notes.append(f"{backend.name}: no {scales} search")
+            continue
         try:
-            proof = prove(backend, dtypes=dtypes)
+            proof = _prove_all(backend, dtypes, scales)
         except BackendRefused as exc:
             notes.append(str(exc))
             continue
