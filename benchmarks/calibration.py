@@ -88,7 +88,7 @@ def run(folder: Path, *, samples: int, seq_len: int, device: str, batch_tokens: 
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     stats = collect_statistics(source=source, plan=plan, config=config, data=data, device=device,
-                               progress=False, batch_tokens=batch_tokens)
+                               progress=True, batch_tokens=batch_tokens)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -144,7 +144,8 @@ def convert(
     progress: ProgressOpt = True,
     calibrate: Annotated[str | None, typer.Option(
         metavar="DATA", help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id "
-                             "(gives real input_scales).")] = None,
+                             "(gives real input_scales; with --scales mse-weighted, block scales weighted by the "
+                             "measured E[x^2]).")] = None,
     calib_samples: Annotated[int, typer.Option(
         metavar="N", help="With --calibrate: number of samples.")] = calibration.SAMPLES,
     calib_seq_len: Annotated[int, typer.Option(

@@ -12,7 +12,7 @@ import torch
 from . import __version__, calibration, pipeline
 from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
-from .importance import ChannelWeights, DataFreeProxy
+from .importance import ChannelWeights, DataFreeProxy, FixedChannelWeights
 from .kernels import Backend
 from .kernels.search import SCALE_MODES
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
@@ -101,8 +101,8 @@ def convert(
         scales: how block scales are chosen: ``"rtn"`` (from each block's max, ModelOpt's default),
             ``"mse"`` (least squared error over every E4M3 scale, bit-exact with ModelOpt 0.47's MSE weight
             calibration export) or ``"mse-weighted"`` (least error weighted per input channel).
-        channel_weights: where ``mse-weighted`` gets its per-input-channel weights (default: the data-free
-            proxy of :class:`~nvfp4_convert.importance.DataFreeProxy`; calibration passes measured ones).
+        channel_weights: where ``mse-weighted`` gets its per-input-channel weights (default: the calibrated
+            E[x_k^2] with ``calibrate``, else the data-free proxy :class:`~nvfp4_convert.importance.DataFreeProxy`).
         dry_run: plan only; write nothing.
         overwrite: replace an output folder that holds something else.
         progress: show progress bars.
@@ -148,6 +148,8 @@ def convert(
             data = _calibration_data(source, calibrate, samples=calib_samples, seq_len=calib_seq_len,
                                      column=calib_column, split=calib_split, endpoint=endpoint, token=token)
             report.calibration = calibration_info(data)
+            if scales == "mse-weighted" and channel_weights is None:
+                report.calibration["block_scales"] = "least error weighted by each input channel's calibrated E[x^2]"
             report.activation_policy = activation_policy(weight_only, report.calibration)
         if dry_run:
             return report
@@ -156,8 +158,8 @@ def convert(
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes, scales=scales)
         report.check_seconds = time.perf_counter() - checking
         report.backend, report.backend_reason, report.scales = chosen.name, reason, scales
-        if scales == "mse-weighted" and channel_weights is None:
-            channel_weights = DataFreeProxy(config, set(plan.tensors))
+        if scales == "mse-weighted" and channel_weights is None and data is None:
+            channel_weights = DataFreeProxy(config, set(plan.tensors))  # with --calibrate: the measured E[x^2]
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size, scales=scales,
                                    calibration=data.fingerprint() if data is not None else None)
         copied = _copied_files(source)
@@ -259,8 +261,14 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
         else:
             todo.append(shard)
     input_scales = None
-    if data is not None and todo and not plan.weight_only:
-        input_scales = _calibrated_input_scales(source, plan, config, data, output, progress=progress, log=log)
+    weighted = scales == "mse-weighted" and channel_weights is None
+    if data is not None and todo and (weighted or not plan.weight_only):
+        stats = _calibration_statistics(source, plan, config, data, output, progress=progress, log=log)
+        if not plan.weight_only:
+            input_scales = _calibrated_input_scales(plan, stats, log=log)
+        if weighted:  # activation-aware block scales: the error weighted by each input channel's E[x^2]
+            channel_weights = FixedChannelWeights({m: s.second_moment for m, s in stats.items()
+                                                   if s.tokens and m in plan.quantized})
     pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress,
                  input_scales=input_scales, scales=scales, channel_weights=channel_weights)
 
@@ -282,16 +290,21 @@ def calibration_info(data) -> dict:
             "seq_len": data.seq_len, "method": calibration.METHOD}
 
 
-def _calibrated_input_scales(source: Source, plan: Plan, config: dict, data, output: OutputDir, *, progress: bool,
-                             log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+def _calibration_statistics(source: Source, plan: Plan, config: dict, data, output: OutputDir, *, progress: bool,
+                            log: Callable[[str], None]) -> dict:
     from .calibration.collect import collect_statistics, stats_summary
-    from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
 
     stats = collect_statistics(source=source, plan=plan, config=config, data=data,
                                state_dir=output.path / STATE_DIR / "calibration", state_key=output.fingerprint,
                                progress=progress, log=log)
-    amax, unreached = calibrated_amax(plan, stats)
     log(f"calibration: {stats_summary(stats)}")
+    return stats
+
+
+def _calibrated_input_scales(plan: Plan, stats: dict, *, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+    from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
+
+    amax, unreached = calibrated_amax(plan, stats)
     experts = [m for m in unreached if EXPERT_MODULE.match(m)]
     others = [m for m in unreached if not EXPERT_MODULE.match(m)]
     if experts:

@@ -102,7 +102,8 @@ def _calibration_lines(calibration: dict | None) -> list[str]:
     where = calibration["dataset"] + "".join(f", {k} `{calibration[k]}`" for k in ("split", "column")
                                              if calibration.get(k))
     return [f"- **Calibration:** {calibration['samples']} samples x {calibration['seq_len']} tokens of {where}; "
-            f"method: {calibration['method']}."]
+            f"method: {calibration['method']}"
+            + (f"; block scales: {calibration['block_scales']}." if calibration.get("block_scales") else ".")]
 
 
 def _body(info: dict, report: VerifyReport, repo_id: str, base: str | None) -> list[str]:

@@ -282,3 +282,32 @@ def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_p
         expected = ((exact - inputs @ wq.T).square().sum() / exact.square().sum()).sqrt().item()
         assert got[name][setting] == pytest.approx(expected, rel=1e-4), setting
     assert got[name]["w4a4"] > got[name]["w4a16"] > 0
+
+
+def test_calibrated_weighted_block_scales(model, text_file, tmp_path):
+    """--calibrate with --scales mse-weighted: each block scale minimizes the error weighted by the measured E[x^2]."""
+    import transformers
+
+    from nvfp4_convert.importance import FixedChannelWeights
+    from nvfp4_convert.kernels import search
+
+    src = model("llama")
+    options = {"calibrate": str(text_file), "calib_samples": SAMPLES, "calib_seq_len": SEQ_LEN, "progress": False}
+    report = convert(str(src), tmp_path / "cal", scales="mse-weighted", **options)
+    assert "E[x^2]" in report.calibration["block_scales"]
+    convert(str(src), tmp_path / "proxy", scales="mse-weighted", progress=False)
+    cal, proxy = load_all(tmp_path / "cal"), load_all(tmp_path / "proxy")
+
+    name = "model.layers.1.mlp.down_proj"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    seen = []
+    hf.get_submodule(name).register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    hf(_ids(src, text_file, samples=SAMPLES, seq_len=SEQ_LEN).input_ids)
+    x = seen[0].reshape(-1, seen[0].shape[-1])
+    second_moment = (x.float().square().sum(0).double() / x.shape[0]).float()
+    weight = hf.get_submodule(name).weight.detach()
+    packed, scales = search.quantize(weight, weight.abs().amax().float(),
+                                     FixedChannelWeights({name: second_moment}).weights(name, None))
+    assert raw_bytes(cal[f"{name}.weight_scale"]) == raw_bytes(scales)
+    assert raw_bytes(cal[f"{name}.weight"]) == raw_bytes(packed)
+    assert raw_bytes(cal[f"{name}.weight_scale"]) != raw_bytes(proxy[f"{name}.weight_scale"])

@@ -161,18 +161,18 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
         L.load_into(model, shards.tensors(outside), dtype=dtype, device=dev)
         L.to_device(model, dev)
         kwargs_by_size: dict[int, list[dict]] = {}
-        first = []
+        fresh = hidden is None
+        hidden = None if fresh else hidden.to(dev)
         for b in batches:
             ids = data.input_ids[b].to(dev)
             h, kwargs = L.layer_inputs(owner, layer_list, ids, count)
             kwargs_by_size.setdefault(ids.shape[0], kwargs)
-            if hidden is None:
-                first.append(h)
-        if hidden is None:
-            hidden = torch.cat(first)
-        else:
-            hidden = hidden.to(dev)
-        del first
+            if fresh:
+                if hidden is None:  # filled batch by batch: the samples' hidden states exist once
+                    hidden = torch.empty((data.samples, *h.shape[1:]), dtype=h.dtype, device=h.device)
+                hidden[b] = h
+            elif len(kwargs_by_size) == len({s.stop - s.start for s in batches}):
+                break  # resuming: only each batch size's keyword arguments are needed
         L.free(model)
         shards.release_all()
 
