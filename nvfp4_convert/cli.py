@@ -140,7 +140,9 @@ def convert(
         "as ModelOpt's MSE calibration) or mse-weighted (least error weighted per input channel by a data-free "
         "importance estimate).")] = "rtn",
     dry_run: Annotated[bool, _flag("--dry-run", help="Print the plan and exit; write nothing.")] = False,
-    overwrite: Annotated[bool, _flag("--overwrite", help="Replace a previous conversion in OUT.")] = False,
+    overwrite: Annotated[bool, _flag("--overwrite", help="Replace a previous conversion in OUT: only its files, "
+                                                         "once the new one is complete; other files are kept.")
+                         ] = False,
     progress: ProgressOpt = True,
     calibrate: Annotated[str | None, typer.Option(
         metavar="DATA", help="Calibrate activations on this text: a .txt/.jsonl/.parquet file or a Hub dataset id "

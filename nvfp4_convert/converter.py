@@ -104,7 +104,8 @@ def convert(
         channel_weights: where ``mse-weighted`` gets its per-input-channel weights (default: the calibrated
             E[x_k^2] with ``calibrate``, else the data-free proxy :class:`~nvfp4_convert.importance.DataFreeProxy`).
         dry_run: plan only; write nothing.
-        overwrite: replace an output folder that holds something else.
+        overwrite: replace a previous conversion in ``out`` (only the files it wrote, once the new one is
+            complete) and write next to files no conversion wrote (they are kept).
         progress: show progress bars.
         calibrate: calibration text (a .txt/.jsonl/.parquet file or a Hub dataset id): real ``input_scale``s
             from activation statistics collected one decoder layer at a time (default: data-free).
