@@ -16,15 +16,14 @@ from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.sources import LocalSource
 from nvfp4_convert.sources import hub as hub_module
 from nvfp4_convert.sources.hub import HubSource
-from tiny_models import build_tiny
 
 TOKEN = "hf_fakeSecretToken1234567890"
 REPO = "org/tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    path = build_tiny("llama", tmp_path_factory.mktemp("tiny") / "llama")
+def tiny_model(tiny) -> Path:
+    path = tiny("llama")
     assert len(LocalSource(path).shards) >= 5
     return path
 

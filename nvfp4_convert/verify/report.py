@@ -43,6 +43,7 @@ class VerifyReport:
     code_counts: list[int] = field(default_factory=lambda: [0] * 16)  # E2M1 codes 0..15 over all weights
     scale_counts: list[int] = field(default_factory=lambda: [0] * 256)  # block scales by E4M3 byte
     seconds: float = 0.0
+    written: list[Path] = field(default_factory=list)  # the --json and --plots files
 
     @property
     def ok(self) -> bool:
