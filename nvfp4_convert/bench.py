@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 
 from . import kernels
+from .constants import BLOCK
+from .errors import ConvertError, require_module
 from .kernels import cpu as cpu_kernels
 from .kernels import reference
 from .kernels.common import global_scale
@@ -59,7 +61,7 @@ def _dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; use one of bfloat16, float16, float32") from None
+        raise ConvertError(f"unknown dtype {name!r}", where="--dtype", fix="Use bfloat16, float16 or float32") from None
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -225,18 +227,27 @@ def run_bench(
         One dict per (backend, shape) with the keys in :data:`FIELDS`.
     """
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        raise ConvertError(f"unknown device {device!r}", where="--device", fix="Use cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but torch sees no CUDA device")
+        raise ConvertError("torch sees no CUDA GPU here", where="--device cuda",
+                           fix="Run on a GPU machine, or use --device cpu")
+    if plot_path is not None:
+        require_module("matplotlib", purpose="plots", where="--plot", extra="plot")
     torch_dtype = _dtype(dtype)
     shapes = [(m, k) for k in SWEEP_COLS for m in SWEEP_ROWS] if sweep else list(shapes or DEFAULT_SHAPES)
     for rows, cols in shapes:
         if rows < 1 or cols < 16 or cols % 16:
-            raise ValueError(f"shape {rows}x{cols}: need R >= 1 and K a positive multiple of 16")
-    repeats = max(1, int(repeats))
+            raise ConvertError(f"cannot time shape {rows}x{cols}", where="--shape",
+                               fix=f"Use ROWSxCOLS with ROWS >= 1 and COLS a positive multiple of {BLOCK}")
+    if repeats < 1:
+        raise ConvertError(f"cannot time {repeats} calls", where="--repeats", fix="Give 1 or more")
     names = backends or [b.name for b in sorted(kernels.backends().values(), key=lambda b: -b.priority)
                          if b.device == device and b.name != "reference"]
-    chosen = [kernels.get_backend(n) for n in names if n != "reference"]  # KeyError for unknown names
+    unknown = sorted(set(names) - set(kernels.backends()))
+    if unknown:
+        raise ConvertError(f"unknown backend {unknown[0]!r}", where="--backend",
+                           fix=f"Use one of {', '.join(sorted(kernels.backends()))}")
+    chosen = [kernels.get_backend(n) for n in names if n != "reference"]
 
     if device == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -247,6 +258,8 @@ def run_bench(
         where = f"cuda: {torch.cuda.get_device_name()}, device-to-device copy {copy_bw / 1e12:.2f} TB/s"
     out(f"nvfp4 quantize benchmark: {where}; dtype {_dtype_name(torch_dtype)}; amax + quantize per call; "
         f"median of {repeats} (reference: {REFERENCE_REPEATS if device == 'cpu' else repeats})")
+    for backend in [kernels.get_backend("reference"), *chosen]:
+        out(f"  {backend.name}: {backend.description}")
 
     results: list[dict] = []
     for seed, (rows, cols) in enumerate(shapes):
@@ -311,10 +324,7 @@ def run_bench(
 
 def _plot(results: list[dict], path: Path) -> None:
     """Speedup over the reference against rows M, one line per K, one panel per backend."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise RuntimeError("plotting needs matplotlib: pip install 'nvfp4-convert[plot]'") from None
+    from matplotlib.figure import Figure
     names = sorted({r["backend"] for r in results if r["backend"] != "reference" and "speedup_vs_reference" in r})
     fig = Figure(figsize=(6 * max(len(names), 1), 4.5), layout="constrained")
     for ax, name in zip(fig.subplots(1, max(len(names), 1), squeeze=False)[0], names):

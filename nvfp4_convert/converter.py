@@ -17,6 +17,7 @@ from .kernels import Backend
 from .kernels.search import SCALE_MODES
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
 from .plan import EXPERT_MODULE, Plan, build_plan, check_not_quantized
+from .publish import MODEL_CARD, card_license
 from .recipes import Recipe, load_recipe
 from .report import Report
 from .safetensors_io import TORCH_DTYPES
@@ -103,7 +104,8 @@ def convert(
         channel_weights: where ``mse-weighted`` gets its per-input-channel weights (default: the calibrated
             E[x_k^2] with ``calibrate``, else the data-free proxy :class:`~nvfp4_convert.importance.DataFreeProxy`).
         dry_run: plan only; write nothing.
-        overwrite: replace an output folder that holds something else.
+        overwrite: replace a previous conversion in ``out`` (only the files it wrote, once the new one is
+            complete) and write next to files no conversion wrote (they are kept).
         progress: show progress bars.
         calibrate: calibration text (a .txt/.jsonl/.parquet file or a Hub dataset id): real ``input_scale``s
             from activation statistics collected one decoder layer at a time (default: data-free).
@@ -153,7 +155,9 @@ def convert(
         if dry_run:
             return report
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
+        checking = time.perf_counter()
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes, scales=scales)
+        report.check_seconds = time.perf_counter() - checking
         report.backend, report.backend_reason, report.scales = chosen.name, reason, scales
         if scales == "mse-weighted" and channel_weights is None and data is None:
             channel_weights = DataFreeProxy(config, set(plan.tensors))  # with --calibrate: the measured E[x^2]
@@ -169,7 +173,8 @@ def convert(
             copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
         report.seconds = time.perf_counter() - started
-        output.mark_complete(conversion_info(report, source_revision=source.revision, command=command))
+        info = conversion_info(report, source_revision=source.revision, command=command)
+        output.mark_complete({**info, "license": _source_license(source)})
         return report
     finally:
         if output is not None:
@@ -317,9 +322,19 @@ def _calibrated_input_scales(plan: Plan, stats: dict, *, log: Callable[[str], No
 
 
 def _copied_files(source: Source) -> list[str]:
-    """The source's non-weight files that go into the output as they are (tokenizer, card, license, ...)."""
+    """The source's non-weight files that go into the output as they are (tokenizer, license, ...).
+
+    Not its model card: that describes the source model; ``push`` writes the checkpoint's own.
+    """
     return [name for name in source.files
-            if name not in _REWRITTEN and not name.endswith(_NOT_COPIED_SUFFIXES) and not name.startswith(STATE_DIR)]
+            if name not in _REWRITTEN and name != MODEL_CARD and not name.endswith(_NOT_COPIED_SUFFIXES)
+            and not name.startswith(STATE_DIR)]
+
+
+def _source_license(source: Source) -> dict[str, str]:
+    """The license fields of the source's model card, for the checkpoint's own card."""
+    return card_license(source.fetch_file(MODEL_CARD).read_text(encoding="utf-8", errors="replace")) \
+        if MODEL_CARD in source.files else {}
 
 
 def _shard_sources(source: Source, plan: Plan) -> dict[str, dict[str, str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+FIX_SHARD = "Re-download or re-export this shard"  # the fix for every damaged or truncated safetensors file
+
 
 class ConvertError(Exception):
     """A problem with the input or the environment that the user can fix.
@@ -20,3 +22,12 @@ class ConvertError(Exception):
         if self.fix:
             text += f". {self.fix}"
         return text
+
+
+def require_module(name: str, *, purpose: str, where: str, extra: str) -> None:
+    """Raise a one-line error when the optional package ``name`` is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ConvertError(f"{purpose} need {name}, which is not installed", where=where,
+                           fix=f"pip install 'nvfp4-convert[{extra}]'")

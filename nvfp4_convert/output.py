@@ -249,7 +249,7 @@ class OutputDir:
 
     # -- during the conversion --------------------------------------------------------------------
 
-    def finished(self, filename: str, *, verify: bool = True) -> bool:
+    def finished(self, filename: str) -> bool:
         """Whether ``filename`` was finished from the same source data and is still intact on disk."""
         recorded = self.state["shards"].get(filename)
         path = self.path / filename
@@ -257,7 +257,7 @@ class OutputDir:
             return False
         intact = recorded.get("sources") == self.sources.get(filename, {})
         try:
-            intact = intact and (not verify or shard_digest(path) == recorded.get("digest"))
+            intact = intact and shard_digest(path) == recorded.get("digest")
         except ConvertError:  # not even a readable header any more
             intact = False
         if not intact:

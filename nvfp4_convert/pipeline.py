@@ -71,78 +71,116 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
     unit_sources = [_sources(u, plan, weighted) for _, u in steps]
     sizes = [unit_bytes(u, plan) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
-    budget = max(BUDGET_LARGEST * largest, MIN_BUDGET_BYTES)
-    device = "cuda" if backend.device == "cuda" else None
-
-    # Source shards are held from the first unit that reads them to the last one, so the disk holds
-    # only what the units in flight need plus one prefetched shard.
-    need_order: list[str] = []
-    last_use: dict[str, int] = {}
-    for pos, srcs in enumerate(unit_sources):
-        for s in sorted(srcs, key=plan.source_shards.index):
-            if s not in last_use:
-                need_order.append(s)
-            last_use[s] = pos
-
-    acquired: dict[str, Path] = {}
-    pending: deque[tuple[int, Future]] = deque()
-    in_flight = 0
-    next_pos = 0
-    reader = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-read")
+    ahead = _ReadAhead(source=source, plan=plan, units=[u for _, u in steps], sources=unit_sources, sizes=sizes,
+                       budget=max(BUDGET_LARGEST * largest, MIN_BUDGET_BYTES), backend=backend)
     writes = _Writes(limit=WRITE_QUEUE_BYTES)
     writer: ShardWriter | None = None
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="converting", disable=not progress,
                dynamic_ncols=True)
-
-    def submit_ahead(*, may_acquire: bool) -> None:
-        nonlocal next_pos, in_flight
-        while next_pos < len(steps):
-            unit, srcs = steps[next_pos][1], unit_sources[next_pos]
-            # Read ahead within the memory budget, and only from shards already on disk unless the
-            # unit is the very next one (the shards of finished units are released first).
-            new_shards = not srcs <= acquired.keys()
-            if pending and in_flight + sizes[next_pos] > budget or new_shards and (pending or not may_acquire):
-                break
-            for s in sorted(srcs, key=need_order.index):
-                if s not in acquired:
-                    acquired[s] = source.acquire(s)
-            paths = {s: acquired[s] for s in srcs}
-            whole = sizes[next_pos] <= budget
-            pending.append((next_pos, reader.submit(_load, unit, plan, paths, whole, device, backend)))
-            in_flight += sizes[next_pos]
-            next_pos += 1
-        upcoming = next((s for s in need_order if s not in acquired and last_use[s] >= next_pos), None)
-        if upcoming:
-            source.prefetch(upcoming)
-
     try:
         for pos, (i, unit) in enumerate(steps):
             if writer is None:
                 writer = ShardWriter(output.path / shards[i].filename, shards[i].tensors)
-            submit_ahead(may_acquire=True)
-            _, future = pending.popleft()
-            loaded = future.result()
-            submit_ahead(may_acquire=False)  # keep the reader busy while this unit is computed
-            _process(unit, plan, loaded, {s: acquired[s] for s in unit_sources[pos]}, writer, writes, backend,
-                     input_scales or {}, scales, weighted)
+            ahead.fill(may_acquire=True)
+            loaded = ahead.take(pos)
+            ahead.fill(may_acquire=False)  # keep the reader busy while this unit is computed
+            _process(unit, plan, loaded, ahead.paths(pos), writer, writes, backend, input_scales or {}, scales,
+                     weighted)
             del loaded
-            in_flight -= sizes[pos]
+            ahead.done(pos)
             bar.update(sizes[pos])
             if pos + 1 == len(steps) or steps[pos + 1][0] != i:
                 finished, writer = writer, None
                 writes.submit(_commit, finished, output, shards[i].filename, nbytes=0)
             writes.check()
-            for s in [s for s in acquired if last_use[s] <= pos]:
+            if releasable := ahead.releasable(pos):
                 writes.drain()  # the source bytes of kept tensors may still be queued for writing
-                source.release(s)
-                del acquired[s]
+                ahead.release(releasable)
         writes.drain()
     finally:
-        reader.shutdown(wait=True, cancel_futures=True)
+        ahead.close()
         writes.close()
         if writer is not None:
             writer.abort()
         bar.close()
+
+
+class _ReadAhead:
+    """The reader thread's schedule: which units are loaded ahead, and which source shards are held.
+
+    Units are loaded in order. The next one is admitted when both hold:
+
+    * memory: nothing is loaded ahead yet, or the bytes loaded ahead plus its own stay within ``budget``;
+    * disk: every source shard it reads is already acquired, or acquiring is allowed (``may_acquire``:
+      the main thread is about to wait for it) and nothing else is loaded ahead.
+
+    A source shard is acquired by the first unit that reads it and released after the last one, so the disk
+    holds what the units in flight read plus the one shard :meth:`fill` asks the source to prefetch.
+    """
+
+    def __init__(self, *, source: Source, plan: Plan, units: list[Unit], sources: list[frozenset[str]],
+                 sizes: list[int], budget: int, backend: Backend):
+        self.source, self.plan, self.units, self.sources, self.sizes = source, plan, units, sources, sizes
+        self.budget, self.backend = budget, backend
+        self.device = "cuda" if backend.device == "cuda" else None
+        self.need_order: list[str] = []  # source shards in the order units first read them
+        self.last_use: dict[str, int] = {}  # source shard -> position of the last unit reading it
+        for pos, shards in enumerate(sources):
+            for s in sorted(shards, key=plan.source_shards.index):
+                if s not in self.last_use:
+                    self.need_order.append(s)
+                self.last_use[s] = pos
+        self.acquired: dict[str, Path] = {}
+        self.pending: deque[tuple[int, Future]] = deque()  # (position, load) of the units loaded ahead
+        self.in_flight = 0  # bytes of the units submitted and not yet done
+        self.next_pos = 0  # the next unit to submit
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="nvfp4-read")
+
+    def _admits(self, pos: int, *, may_acquire: bool) -> bool:
+        over_budget = bool(self.pending) and self.in_flight + self.sizes[pos] > self.budget
+        new_shards = not self.sources[pos] <= self.acquired.keys()
+        return not over_budget and not (new_shards and (self.pending or not may_acquire))
+
+    def fill(self, *, may_acquire: bool) -> None:
+        """Submit the units the admission rule allows, then prefetch the next shard not yet acquired."""
+        while self.next_pos < len(self.units) and self._admits(self.next_pos, may_acquire=may_acquire):
+            pos = self.next_pos
+            for s in sorted(self.sources[pos], key=self.need_order.index):
+                if s not in self.acquired:
+                    self.acquired[s] = self.source.acquire(s)
+            whole = self.sizes[pos] <= self.budget
+            self.pending.append((pos, self.reader.submit(_load, self.units[pos], self.plan, self.paths(pos), whole,
+                                                         self.device, self.backend)))
+            self.in_flight += self.sizes[pos]
+            self.next_pos += 1
+        upcoming = next((s for s in self.need_order if s not in self.acquired and self.last_use[s] >= self.next_pos),
+                        None)
+        if upcoming:
+            self.source.prefetch(upcoming)
+
+    def take(self, pos: int) -> _Loaded | None:
+        """Wait for unit ``pos`` (the oldest one loaded ahead) and return what was loaded."""
+        submitted, future = self.pending.popleft()
+        assert submitted == pos, (submitted, pos)
+        return future.result()
+
+    def paths(self, pos: int) -> dict[str, Path]:
+        return {s: self.acquired[s] for s in self.sources[pos]}
+
+    def done(self, pos: int) -> None:
+        self.in_flight -= self.sizes[pos]
+
+    def releasable(self, pos: int) -> list[str]:
+        """Acquired shards no unit after ``pos`` reads."""
+        return [s for s in self.acquired if self.last_use[s] <= pos]
+
+    def release(self, shards: list[str]) -> None:
+        for s in shards:
+            self.source.release(s)
+            del self.acquired[s]
+
+    def close(self) -> None:
+        self.reader.shutdown(wait=True, cancel_futures=True)
 
 
 class _Writes:

@@ -168,8 +168,8 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
     candidates: dict[str, SourceTensor] = {}
     conv1d: list[str] = []
     for module, t in linear_like.items():
-        if not recipe.matches("quantize", module) or recipe.matches("exclude", module):
-            kept_reasons[module] = "excluded by recipe"
+        if why := recipe.exclusion(module):
+            kept_reasons[module] = why
         elif recipe.matches("conv1d", module):
             kept_reasons[module] = "Hugging Face Conv1D weight, stored [in, out]"
             conv1d.append(module)

@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 import glob
-import json
-from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import ConvertError
-from .output import STATE_DIR, conversion_files, read_conversion_info, write_bytes_atomic, write_json_atomic
-from .report import human_bytes
+from .hub_errors import hub_errors
+from .output import STATE_DIR, conversion_files, read_conversion_info, write_bytes_atomic
+from .report import size_line
 from .verify import CHECKS, VerifyReport, verify
 
-IGNORE_PATTERNS = [f"{STATE_DIR}/*", "*.partial"]
+MODEL_CARD = "README.md"
+IGNORE_PATTERNS = [f"{STATE_DIR}/*", "*.partial", MODEL_CARD]  # the card goes up on its own, once built
 TAGS = ["nvfp4", "modelopt", "fp4", "quantized", "nvfp4-convert"]
 _LICENSE_KEYS = ("license", "license_name", "license_link")
-_SOURCE_LICENSE = "source_license.json"  # in STATE_DIR: the source card's license, kept once README.md is replaced
 
 
 def push(out: Path, repo_id: str, *, private: bool = False, token: str | None = None, endpoint: str | None = None,
          commit_message: str | None = None) -> str:
-    """Verify ``out``, write its model card (``README.md``) and upload the folder to ``repo_id``.
+    """Verify ``out`` and upload it to ``repo_id`` with a model card (``README.md``) made for it.
+
+    The card is written into ``out`` too, once the upload has succeeded; a failed upload leaves ``out``
+    as it was.
 
     Args:
         out: a finished conversion's output folder.
@@ -47,43 +49,32 @@ def push(out: Path, repo_id: str, *, private: bool = False, token: str | None = 
         raise ConvertError(f"refusing to upload: verify found {len(report.violations)} violation(s), first: "
                            f"{first.line()}", where=str(out), fix="Run `nvfp4-convert verify OUT` for the list, "
                            "then re-convert into a fresh folder")
-    card = model_card(info=info, report=report, repo_id=repo_id, license=source_license(out))
+    card = model_card(info=info, report=report, repo_id=repo_id, license=info.get("license") or {})
     if token and len(token) >= 8:  # belt and braces: the recorded command never holds one
         card = card.replace(token, "***")
-    write_bytes_atomic(out / "README.md", card.encode())
 
     from huggingface_hub import HfApi
 
     api = HfApi(endpoint=endpoint, token=token)
-    with _upload_errors(repo_id):
+    with hub_errors(repo_id, endpoint=endpoint, upload=True):
         url = api.create_repo(repo_id, private=private or None, exist_ok=True, repo_type="model")
-        # Only what the conversion wrote, and the card: never files of the user's that share the folder.
-        allow = [glob.escape(name) for name in conversion_files(out)] + ["README.md"]
+        # Only what the conversion wrote (the card follows): never files of the user's that share the folder.
+        allow = [glob.escape(name) for name in conversion_files(out)]
         api.upload_folder(repo_id=repo_id, folder_path=out, repo_type="model", ignore_patterns=IGNORE_PATTERNS,
                           allow_patterns=allow,
                           commit_message=commit_message or f"Upload {info['quant_algo']} checkpoint ({info['tool']})")
+        api.upload_file(repo_id=repo_id, path_or_fileobj=card.encode(), path_in_repo=MODEL_CARD, repo_type="model",
+                        commit_message="Model card")
+    write_bytes_atomic(out / MODEL_CARD, card.encode())  # only once the Hub has it: OUT matches the repo
     return str(url)
 
 
-def source_license(out: Path) -> dict[str, str]:
-    """``license`` / ``license_name`` / ``license_link`` of the source's model card in ``out``.
+def card_license(text: str) -> dict[str, str]:
+    """``license`` / ``license_name`` / ``license_link`` from a model card's front matter."""
+    from huggingface_hub import ModelCard
 
-    The converter copies the source ``README.md`` into ``out``; the first push replaces it, so its
-    license is saved in the state folder first and read from there afterwards.
-    """
-    saved = Path(out) / STATE_DIR / _SOURCE_LICENSE
-    if saved.is_file():
-        return json.loads(saved.read_text(encoding="utf-8"))
-    found: dict[str, str] = {}
-    readme = Path(out) / "README.md"
-    if readme.is_file():
-        from huggingface_hub import ModelCard
-
-        meta = ModelCard(readme.read_text(encoding="utf-8", errors="replace"), ignore_metadata_errors=True).data
-        found = {k: str(v) for k, v in meta.to_dict().items() if k in _LICENSE_KEYS and v}
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, found)
-    return found
+    meta = ModelCard(text, ignore_metadata_errors=True).data
+    return {k: str(v) for k, v in meta.to_dict().items() if k in _LICENSE_KEYS and v}
 
 
 def model_card(*, info: dict, report: VerifyReport, repo_id: str, license: dict[str, str]) -> str:
@@ -148,8 +139,7 @@ def _body(info: dict, report: VerifyReport, repo_id: str, base: str | None) -> l
         "",
         "## Size",
         "",
-        f"{human_bytes(info['bytes_in'])} of source weights became {human_bytes(info['bytes_out'])} "
-        f"({info['bytes_in'] / max(info['bytes_out'], 1):.2f}x smaller).",
+        f"Weights: {size_line(info['bytes_in'], info['bytes_out'])}.",
         "",
         "## Serving",
         "",
@@ -220,22 +210,3 @@ def _serving_weight_only(repo_id: str) -> list[str]:
         f"vllm serve {repo_id}",
         "```",
     ]
-
-
-@contextmanager
-def _upload_errors(repo_id: str):
-    """Hub errors as one-line ConvertErrors that never echo the token or server text."""
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
-    from huggingface_hub.utils import httpx
-
-    try:
-        yield
-    except HFValidationError:
-        raise ConvertError("invalid repo id", where=repo_id, fix="Use the form owner/name") from None
-    except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else "?"
-        raise ConvertError(f"upload failed with HTTP {status}", where=repo_id,
-                           fix="Check the repo id and that the token has write access (--token or HF_TOKEN)") from None
-    except httpx.TransportError as exc:
-        raise ConvertError(f"cannot reach the Hub ({type(exc).__name__})", where=repo_id,
-                           fix="Check the network connection, then push again") from None

@@ -7,6 +7,7 @@ one whose ``model_types`` lists the checkpoint's ``config.json`` ``model_type`` 
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import sys
@@ -45,27 +46,40 @@ class Recipe:
     model_types: tuple[str, ...] = ()
     source: str = ""
     conv1d: tuple[str, ...] = ()
+    extra_exclude: tuple[str, ...] = ()  # the user's --exclude patterns, kept apart to say who excluded what
     _compiled: dict = field(default_factory=dict, compare=False, repr=False)
 
     def matches(self, kind: str, module: str) -> bool:
         """Whether ``module`` matches one of the ``kind`` ("quantize", "exclude" or "conv1d") patterns."""
         regex = self._compiled.get(kind)
         if regex is None:
-            patterns = getattr(self, kind)
+            patterns = self.exclude + self.extra_exclude if kind == "exclude" else getattr(self, kind)
             regex = re.compile("|".join(fnmatch.translate(p) for p in patterns) or "(?!)")
             self._compiled[kind] = regex
         return regex.match(module) is not None
 
+    def exclusion(self, module: str) -> str | None:
+        """Why the patterns keep ``module`` in high precision (naming who excluded it), or None."""
+        if not self.matches("quantize", module):
+            return f"not matched by recipe {self.name}'s quantize patterns"
+        if not self.matches("exclude", module):
+            return None
+        for pattern in self.extra_exclude:
+            if fnmatch.fnmatchcase(module, pattern):
+                return f"--exclude {pattern!r}"
+        pattern = next(p for p in self.exclude if fnmatch.fnmatchcase(module, p))
+        return f"excluded by recipe {self.name} ({pattern!r})"
+
     def with_excludes(self, patterns: list[str]) -> Recipe:
-        return Recipe(self.name, self.quantize, self.exclude + tuple(patterns), self.fuse, self.description,
-                      self.model_types, self.source, self.conv1d)
+        """This recipe with the user's ``--exclude`` patterns added."""
+        return dataclasses.replace(self, extra_exclude=self.extra_exclude + tuple(patterns), _compiled={})
 
     def summary(self) -> dict:
         """A plain-data view (for fingerprints, reports and model cards)."""
         return {
             "name": self.name,
             "quantize": list(self.quantize),
-            "exclude": list(self.exclude),
+            "exclude": list(self.exclude + self.extra_exclude),
             "fuse": [{"members": list(r.members), "alias": r.alias} for r in self.fuse],
             **({"conv1d": list(self.conv1d)} if self.conv1d else {}),
         }

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ConvertError
+from .errors import FIX_SHARD, ConvertError
 
 DTYPE_SIZES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
@@ -94,7 +94,7 @@ def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
 
     def bad(what: str) -> ConvertError:
         return ConvertError(f"corrupt safetensors header: {what}", where=where,
-                            fix="Re-download or re-export this shard")
+                            fix=FIX_SHARD)
 
     def no_duplicates(pairs):
         seen = {}
@@ -143,10 +143,21 @@ def parse_header(raw: bytes, *, filename: str, file_size: int) -> ShardHeader:
         cursor = info.data_offsets[1]
     if cursor > data_len:
         raise ConvertError(f"truncated shard: header promises {cursor} data bytes, file has {data_len}",
-                           where=where, fix="Re-download or re-export this shard")
+                           where=where, fix=FIX_SHARD)
     if cursor < data_len:
         raise bad(f"{data_len - cursor} trailing bytes after the last tensor")
     return ShardHeader(filename, tensors, {str(k): str(v) for k, v in metadata.items()}, data_start, file_size)
+
+
+def header_length(prefix: bytes, *, file_size: int, filename: str) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's size."""
+    if len(prefix) < 8:
+        raise ConvertError("truncated shard: shorter than 8 bytes", where=filename, fix=FIX_SHARD)
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > _MAX_HEADER or 8 + length > file_size:
+        raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {file_size}-byte file",
+                           where=filename, fix=FIX_SHARD)
+    return length
 
 
 def read_header(path: Path, *, filename: str | None = None) -> ShardHeader:
@@ -154,14 +165,7 @@ def read_header(path: Path, *, filename: str | None = None) -> ShardHeader:
     filename = filename or path.name
     size = path.stat().st_size
     with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise ConvertError("truncated shard: shorter than 8 bytes", where=filename,
-                               fix="Re-download or re-export this shard")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER or 8 + length > size:
-            raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {size}-byte file",
-                               where=filename, fix="Re-download or re-export this shard")
+        length = header_length(f.read(8), file_size=size, filename=filename)
         raw = f.read(length)
     return parse_header(raw, filename=filename, file_size=size)
 
@@ -185,7 +189,7 @@ def read_tensor_bytes(path: Path, header: ShardHeader, name: str, start: int = 0
             n = f.readinto(view[got:])
             if not n:
                 raise ConvertError("truncated shard while reading tensor data", where=f"{header.filename}:{name}",
-                                   fix="Re-download or re-export this shard")
+                                   fix=FIX_SHARD)
             got += n
     return buf
 
@@ -215,7 +219,7 @@ def map_tensor(path: Path, header: ShardHeader, name: str) -> torch.Tensor:
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size < start + info.nbytes:  # mapped bytes past EOF would SIGBUS
             raise ConvertError("truncated shard while reading tensor data", where=f"{header.filename}:{name}",
-                               fix="Re-download or re-export this shard")
+                               fix=FIX_SHARD)
         mapping = mmap.mmap(f.fileno(), info.nbytes + start - aligned, offset=aligned, access=mmap.ACCESS_COPY)
     try:
         mapping.madvise(_MADV_POPULATE_READ)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -10,6 +13,7 @@ from safetensors import safe_open
 
 from nvfp4_convert.kernels import reference
 from nvfp4_convert.kernels.common import global_scale
+from nvfp4_convert.output import STATE_DIR
 
 
 def load_all(folder: Path) -> dict[str, torch.Tensor]:
@@ -70,3 +74,54 @@ def recompute_check(src: Path, out: Path, *, weight_only: bool = False) -> dict:
         module = name[: -len(".weight")]
         assert name in result or module in quantized, f"{name} was dropped"
     return {"quantized": quantized, "groups": [g for g in groups.values() if len(g) > 1]}
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file of the checkpoint (the hidden resume record, which names the output path, aside)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and STATE_DIR not in p.parts}
+
+
+def assert_one_line_error(result, *needles: str) -> None:
+    """A CLI result that failed with exit 2 and exactly one ``error:`` line on stderr naming ``needles``."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in err[0], err[0]
+
+
+# Runs the CLI in a child process that SIGKILLs itself on the N-th call of one internal function.
+KILLER = """
+import os, signal, sys
+import nvfp4_convert.{module} as mod
+target, n = "{func}", {n}
+cls, _, attr = target.rpartition(".")
+owner = getattr(mod, cls) if cls else mod
+original = getattr(owner, attr)
+calls = [0]
+def wrapper(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, attr, wrapper)
+if "{module}" == "output":  # rebind names imported into convert
+    import nvfp4_convert.converter as conv
+    if hasattr(conv, attr):
+        setattr(conv, attr, wrapper)
+from nvfp4_convert.cli import main
+main(sys.argv[1:])
+"""
+
+
+# Resume does not depend on the backend: the reference needs no numba start-up in each child process.
+FAST = ("--no-progress", "--backend", "reference")
+
+
+def run_cli(args, *, kill=None):
+    plain = "from nvfp4_convert.cli import main; import sys; main(sys.argv[1:])"
+    code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else plain
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)

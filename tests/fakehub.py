@@ -94,13 +94,16 @@ class FakeHub:
     Knobs: ``truncate_once`` (file names whose first un-ranged GET sends half the body and drops the
     connection), ``stall`` (file name -> how many un-ranged GETs of it send half the body and then hang
     until the hub closes), ``gated=True`` in :meth:`add_repo` (401 ``GatedRepo`` without an ``Authorization``
-    header). ``requests`` logs every request in arrival order.
+    header), ``bandwidth`` (bytes per second shared by all file bodies, like one network link; None:
+    unthrottled). ``requests`` logs every request in arrival order.
     """
 
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
         self.requests: list[FakeRequest] = []
         self.truncate_once: set[str] = set()
+        self.bandwidth: float | None = None
+        self._link_free = 0.0  # when the throttled link has sent everything queued so far
         self.stall: dict[str, int] = {}
         self._closing = threading.Event()
         self._lock = threading.Lock()
@@ -128,6 +131,20 @@ class FakeHub:
             repo = self.repos.setdefault(repo_id, FakeRepo(repo_id))
             repo.gated = gated
             return repo.commit(files)
+
+    def send_body(self, wfile, data: bytes) -> None:
+        """Write a file body, paced to ``bandwidth`` when that is set."""
+        if not self.bandwidth:
+            wfile.write(data)
+            return
+        step = 256 * 1024
+        for i in range(0, len(data), step):
+            chunk = data[i:i + step]
+            with self._lock:
+                self._link_free = max(self._link_free, time.monotonic()) + len(chunk) / self.bandwidth
+                due = self._link_free
+            time.sleep(max(0.0, due - time.monotonic()))
+            wfile.write(chunk)
 
     def add_dataset(self, repo_id: str, folder: Path) -> str:
         """Serve the files of ``folder`` as a dataset repo (``repo_type="dataset"``); returns the commit sha."""
@@ -335,7 +352,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data) if self.command == "GET" else stop - start))
         self.end_headers()
         if self.command == "GET":
-            self.wfile.write(data)
+            self.hub.send_body(self.wfile, data)
 
     # -- write side ----------------------------------------------------------------------------
 

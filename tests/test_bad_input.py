@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
+from checks import assert_one_line_error
+from nvfp4_convert import ConvertError
 from nvfp4_convert.cli import app
 
 runner = CliRunner()
@@ -21,15 +23,6 @@ runner = CliRunner()
 def run(*args):
     result = runner.invoke(app, ["convert", *map(str, args), "--no-progress"])
     return result
-
-
-def assert_one_line_error(result, *needles):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    err = result.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in err[0], err[0]
 
 
 def checkpoint(folder, tensors=None, config=None):
@@ -166,8 +159,12 @@ def test_gated_repo_needs_token(tiny, fake_hub, tmp_path):
 
 
 def test_debug_shows_traceback(tmp_path):
-    result = runner.invoke(app, ["convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--debug"])
-    assert result.exit_code != 0 and result.exception is not None
+    args = ["convert", str(tmp_path / "nope"), str(tmp_path / "out")]
+    plain = runner.invoke(app, args)
+    assert_one_line_error(plain, "no such folder")
+    assert isinstance(plain.exception, SystemExit)  # handled: no traceback
+    debug = runner.invoke(app, [*args, "--debug"])
+    assert isinstance(debug.exception, ConvertError) and "no such folder" in str(debug.exception)
 
 
 def _with_header(folder, header: dict | bytes, data: bytes = b"\0" * 64):

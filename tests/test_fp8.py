@@ -10,9 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checks import load_all, recompute_check
+from checks import load_all, recompute_check, snapshot
 from nvfp4_convert import ConvertError, convert
-from test_resume import snapshot
 from tiny_models import _save_sharded, add_mtp_layer, fp8_quantize, make_fp8
 
 
@@ -233,7 +232,7 @@ def test_fp8_dequantized_on_the_gpu_equals_cpu(tmp_path, monkeypatch, chunked):
 
 
 def test_fp8_killed_run_resumes_byte_identical(fp8_models, tmp_path):
-    from test_resume import run_cli
+    from checks import run_cli
 
     fp8, _ = fp8_models["deepseek_v3"]
     args = ["--max-shard-size", "30KB", "--no-progress"]

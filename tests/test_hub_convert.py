@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from checks import snapshot
 from nvfp4_convert import convert
 from nvfp4_convert.sources import hub as hub_module
-from test_resume import snapshot
 
 
 def test_hub_conversion_equals_local_and_deletes_shards(tiny, fake_hub, tmp_path, monkeypatch):

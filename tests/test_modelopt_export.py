@@ -12,13 +12,13 @@ where the GPU and CPU arithmetics differ by an ulp, so a converter that divided 
 from __future__ import annotations
 
 import json
-import warnings
 
 import pytest
 import torch
 
 from checks import load_all, raw_bytes
 from cuda_division import CudaScalarDivision
+from modelopt_oracle import modelopt_export
 from nvfp4_convert import convert
 from nvfp4_convert.kernels.common import INV_GLOBAL
 
@@ -28,27 +28,6 @@ extends = "default"
 quantize = ["model.layers.*"]
 exclude = ["model.layers.*.mlp.gate"]
 """
-
-
-def modelopt_export(src, dst):
-    warnings.filterwarnings("ignore")
-    transformers = pytest.importorskip("transformers")
-    mtq = pytest.importorskip("modelopt.torch.quantization")
-    from modelopt.torch.export import export_hf_checkpoint
-
-    torch.manual_seed(0)
-    config = transformers.AutoConfig.from_pretrained(src)
-    vision = hasattr(config, "vision_config")  # calibrated on text alone: only the language model is quantized
-    auto = transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(src, dtype=torch.bfloat16)
-    vocab = config.get_text_config().vocab_size
-
-    def calibrate(m):
-        m(input_ids=torch.randint(0, vocab, (2, 16)))
-
-    with CudaScalarDivision() as mode:
-        export_hf_checkpoint(mtq.quantize(model, mtq.NVFP4_DEFAULT_CFG, calibrate), export_dir=dst)
-    assert mode.count > 0
 
 
 def assert_discriminates(source, exported):

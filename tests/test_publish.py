@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from huggingface_hub import ModelCard
@@ -13,7 +15,6 @@ from nvfp4_convert.cli import app
 from nvfp4_convert.output import STATE_DIR
 from nvfp4_convert.publish import push
 from nvfp4_convert.verify import verify
-from tiny_models import build_tiny
 
 TOKEN = "hf_fakeTokenThatMustNeverLeak0123456789"
 SOURCE_CARD = ("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: https://example.com/LICENSE\n---\n"
@@ -21,8 +22,8 @@ SOURCE_CARD = ("---\nlicense: other\nlicense_name: tiny-license\nlicense_link: h
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> Path:
-    src = build_tiny("llama", tmp_path_factory.mktemp("src") / "tiny-llama")
+def tiny_llama(tiny, tmp_path_factory) -> Path:
+    src = Path(shutil.copytree(tiny("llama"), tmp_path_factory.mktemp("src") / "tiny-llama"))
     (src / "README.md").write_text(SOURCE_CARD)
     return src
 
@@ -119,3 +120,17 @@ def test_push_refuses_an_unfinished_output(fake_hub, tmp_path):
     with pytest.raises(ConvertError, match="not a finished conversion"):
         push(tmp_path, "me/nothing", endpoint=fake_hub.url)
     assert fake_hub.requests == []
+
+
+def test_card_is_written_once_and_only_after_a_successful_upload(fake_hub, tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    convert(str(tiny_llama), out, backend="reference", progress=False)
+    assert not (out / "README.md").exists()  # the source card describes the BF16 model: not copied
+    before = _files(out)
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import httpx
+
+    with mock.patch.object(HfApi, "upload_folder", side_effect=httpx.ConnectError("connection dropped")):
+        with pytest.raises(ConvertError, match="cannot reach the Hub"):
+            push(out, "me/unreachable", endpoint=fake_hub.url)
+    assert _files(out) == before

@@ -3,57 +3,20 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from checks import FAST, run_cli, snapshot
 from nvfp4_convert import ConvertError, convert
-from nvfp4_convert.output import STATE_DIR, read_conversion_info
-
-# Runs the CLI in a child process that SIGKILLs itself on the N-th call of one internal function.
-KILLER = """
-import os, signal, sys
-import nvfp4_convert.{module} as mod
-target, n = "{func}", {n}
-cls, _, attr = target.rpartition(".")
-owner = getattr(mod, cls) if cls else mod
-original = getattr(owner, attr)
-calls = [0]
-def wrapper(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-setattr(owner, attr, wrapper)
-if "{module}" == "output":  # rebind names imported into convert
-    import nvfp4_convert.converter as conv
-    if hasattr(conv, attr):
-        setattr(conv, attr, wrapper)
-from nvfp4_convert.cli import main
-main(sys.argv[1:])
-"""
-
-
-def run_cli(args, *, kill=None):
-    plain = "from nvfp4_convert.cli import main; import sys; main(sys.argv[1:])"
-    code = KILLER.format(module=kill[0], func=kill[1], n=kill[2]) if kill else plain
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file of the checkpoint (the hidden resume record, which names the output path, aside)."""
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and STATE_DIR not in p.parts}
+from nvfp4_convert.output import read_conversion_info
 
 
 @pytest.fixture(scope="module")
 def reference_run(tiny, tmp_path_factory):
     src = tiny("qwen2_moe")
     out = tmp_path_factory.mktemp("ref") / "out"
-    result = run_cli([str(src), str(out), "--max-shard-size", "20KB", "--no-progress"])
+    result = run_cli([str(src), str(out), "--max-shard-size", "20KB", *FAST])
     assert result.returncode == 0, result.stderr
     return src, snapshot(out)
 
@@ -69,7 +32,7 @@ def reference_run(tiny, tmp_path_factory):
 def test_killed_run_resumes_byte_identical(kill, reference_run, tmp_path):
     src, expected = reference_run
     out = tmp_path / "out"
-    args = [str(src), str(out), "--max-shard-size", "20KB", "--no-progress"]
+    args = [str(src), str(out), "--max-shard-size", "20KB", *FAST]
     killed = run_cli(args, kill=kill)
     assert killed.returncode == -9, killed.stderr
     assert not (out / "config.json").exists() or kill[1] == "write_json_atomic"
@@ -140,12 +103,12 @@ def test_changed_source_after_a_kill_resumes_without_mixing(tiny, tmp_path):
     src = Path(shutil.copytree(tiny("qwen2_moe"), tmp_path / "src"))
     other = tiny("qwen2_moe", seed=1)
     out, fresh = tmp_path / "out", tmp_path / "fresh"
-    args = [str(src), str(out), "--max-shard-size", "20KB", "--no-progress"]
+    args = [str(src), str(out), "--max-shard-size", "20KB", *FAST]
     killed = run_cli(args, kill=("safetensors_io", "ShardWriter.commit", 3))
     assert killed.returncode == -9, killed.stderr
     _replace_weights(src, other, keep_mtime=False)
     assert run_cli(args).returncode == 0
-    assert run_cli([str(other), str(fresh), "--max-shard-size", "20KB", "--no-progress"]).returncode == 0
+    assert run_cli([str(other), str(fresh), "--max-shard-size", "20KB", *FAST]).returncode == 0
     assert snapshot(out) == snapshot(fresh)
 
 

@@ -198,3 +198,42 @@ def test_fixed_channel_weights_reach_the_search(tiny, tmp_path):
     other = "model.layers.0.self_attn.o_proj"  # not in the table: plain mse
     want = search.quantize(source[f"{other}.weight"], source[f"{other}.weight"].abs().amax().float())
     assert torch.equal(ours[f"{other}.weight_scale"].view(torch.uint8), want[1].view(torch.uint8))
+
+
+def test_cpu_search_is_bit_exact_and_proven():
+    from nvfp4_convert.kernels import cpu
+
+    if cpu.available() is not None:
+        pytest.skip(cpu.available())
+    backend = cpu.BACKENDS[0]
+    for mode in ("mse", "mse-weighted"):
+        assert selfcheck.prove_search(backend, mode).exact
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(200, 320, generator=g) * torch.exp(torch.randn(200, 1, generator=g))).to(torch.float16)
+    h = torch.exp(2 * torch.randn(320, generator=g))
+    amax = reference.amax(w) * 1.3
+    cpu.set_threads(2)
+    try:
+        for weights in (None, h):
+            got, want = cpu.search(w, amax, weights), search.quantize(w, amax, weights)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.uint8), want[1].view(torch.uint8))
+    finally:
+        cpu.set_threads(None)
+
+
+def test_verify_reports_each_layers_gain_over_rtn(tiny, tmp_path):
+    from nvfp4_convert.verify import verify
+    from nvfp4_convert.verify.summary import format_summary
+
+    src = tiny("llama")
+    for mode in ("rtn", "mse-weighted"):
+        convert(str(src), tmp_path / mode, scales=mode, progress=False, log=lambda _: None)
+    rtn = verify(tmp_path / "rtn", source=str(src), progress=False)
+    assert rtn.ok and all(x.gain_vs_rtn == 0 for x in rtn.layers)
+    assert "vs rtn" not in format_summary(rtn)
+    weighted = verify(tmp_path / "mse-weighted", source=str(src), json_path=tmp_path / "r.json", progress=False)
+    assert weighted.ok
+    gains = [x.gain_vs_rtn for x in weighted.layers]
+    assert len(gains) == 14 and sorted(gains)[7] > 0.0 and max(gains) < 1.0  # weighted trades plain error for its own
+    assert "vs rtn:" in format_summary(weighted)
+    assert "gain_vs_rtn" in json.loads((tmp_path / "r.json").read_text())["layers"][0]

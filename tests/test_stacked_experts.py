@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from checks import load_all, raw_bytes
+from modelopt_oracle import modelopt_export
 from nvfp4_convert import convert
 from nvfp4_convert.kernels import reference
 from nvfp4_convert.kernels.common import global_scale
-from test_modelopt_export import modelopt_export
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,18 @@ from nvfp4_convert.cli import app
 from nvfp4_convert.safetensors_io import read_header
 from nvfp4_convert.sources import open_source
 from nvfp4_convert.verify import verify
-from tiny_models import build_tiny
 
 Q = "model.layers.0.self_attn.q_proj"
 K = "model.layers.0.self_attn.k_proj"
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
-    """Tiny sources and their conversions (several output shards each)."""
+def converted(tiny, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """Tiny sources (the shared ones: never modified here) and their conversions (several output shards each)."""
     root = tmp_path_factory.mktemp("converted")
     pairs = {}
     for kind in ("llama", "qwen2_moe", "mixtral", "deepseek_v3"):
-        src = build_tiny(kind, root / kind)
+        src = tiny(kind)
         out = root / f"{kind}-nvfp4"
         convert(str(src), out, backend="reference", max_shard_size="40KB", progress=False)
         pairs[kind] = (src, out)

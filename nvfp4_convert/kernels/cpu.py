@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import Backend, reference
-from .common import BLOCK, E2M1_MAX
+from .common import BLOCK, E2M1_MAX, global_scale
 
 __all__ = ["amax", "available", "quantize", "set_threads", "threads"]
 
@@ -202,6 +202,36 @@ def amax(weight: torch.Tensor) -> torch.Tensor:
     return torch.maximum(lo.abs(), hi.abs()).float()
 
 
+def search(weight: torch.Tensor, amax: torch.Tensor, channel_weights: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mse``/``mse-weighted`` block scales (same contract and bits as :func:`.search.quantize`); the sweep
+    runs in numba on the pool, the export and the codes in torch."""
+    from . import search as sweep
+
+    amax = torch.as_tensor(amax, dtype=torch.float32).detach().cpu().reshape(())
+    weight = weight.detach().cpu()
+    rows, k = weight.shape
+    if amax == 0 or not rows or not k:
+        return sweep.quantize(weight, amax, channel_weights)
+    _require()
+    a = weight.float().abs().contiguous().numpy()
+    h = (torch.ones(k) if channel_weights is None else channel_weights.float()).contiguous().numpy()
+    cands = sweep.candidate_scales(amax).contiguous().numpy()
+    best = np.empty((rows, k // BLOCK), dtype=np.int16)
+    n = threads()
+    chunks = min(rows, _CHUNKS_PER_THREAD * n) if n > 1 and rows * k >= _MIN_PARALLEL_ELEMENTS else 1
+    cuts = [rows * c // chunks for c in range(chunks + 1)]
+    if chunks == 1:
+        _KERNELS.search_rows(a, h, cands, best)
+    else:
+        pool = _pool(n)
+        jobs = [pool.submit(_KERNELS.search_rows, a[x:y], h, cands, best[x:y]) for x, y in zip(cuts[:-1], cuts[1:])]
+        for job in jobs:
+            job.result()
+    scales = sweep.export_scales(torch.from_numpy(best).long(), amax)
+    return reference.encode(weight, scales, global_scale(amax)), scales
+
+
 BACKENDS = (
     Backend(
         name="cpu",
@@ -213,5 +243,6 @@ BACKENDS = (
         priority=10,
         description="numba, multi-threaded, bit-exact with the reference (bf16/fp16/fp32)",
         set_threads=set_threads,
+        search=search,
     ),
 )

@@ -149,3 +149,45 @@ def quantize_f16(w, packed, scales, ws2, six_ws2, f16_bits):
         for i in range(k):
             u[i] = f16_bits[w[r, i]]
         quantize_row(f, u, packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
+
+
+# E2M1 magnitudes as ModelOpt's sweep rounds them (``fp4_round_magnitude``): 6 minus the steps whose
+# bounds y does not exceed, each a power-of-two multiple, so the sum is exact; NaN gives 6.
+_F_SIX = np.float32(6.0)
+_F_TWO = np.float32(2.0)
+_F_HALF = np.float32(0.5)
+
+
+@_jit()
+def search_rows(a, h, cands, best):
+    """For every 16-element block of ``a`` (float32 ``|w|`` rows ``[R, K]``), the index of the first of the
+    candidate scales ``cands`` (float32 ``[126]``) with the least ``sum h * (a - q * s)^2`` (``h`` float32
+    ``[K]``; all ones for plain ``mse``: multiplying by 1 is exact), summed in NumPy's pairwise order: the
+    arithmetic of :mod:`.search`, step for step."""
+    rows, k = a.shape
+    nb = k // 16
+    ncand = cands.shape[0]
+    d = np.empty(16, dtype=np.float32)
+    for r in range(rows):
+        for b in range(nb):
+            best_loss = np.float32(np.inf)
+            bi = 0
+            for j in range(ncand):
+                s = cands[j]
+                if s == _F_ZERO:
+                    s = _F_ONE
+                for i in range(16):
+                    x = a[r, b * 16 + i]
+                    y = x / s
+                    q = (_F_SIX - _F_TWO * np.float32(y <= _B6) - _F_ONE * np.float32(y < _B5)
+                         - _F_ONE * np.float32(y <= _B4) - _F_HALF * np.float32(y < _B3)
+                         - _F_HALF * np.float32(y <= _B2) - _F_HALF * np.float32(y < _B1)
+                         - _F_HALF * np.float32(y <= _B0))
+                    e = x - q * s
+                    d[i] = (e * e) * h[b * 16 + i]
+                loss = (((d[0] + d[8]) + (d[1] + d[9])) + ((d[2] + d[10]) + (d[3] + d[11]))) + (
+                    ((d[4] + d[12]) + (d[5] + d[13])) + ((d[6] + d[14]) + (d[7] + d[15])))
+                if loss < best_loss:
+                    best_loss = loss
+                    bi = j
+            best[r, b] = bi

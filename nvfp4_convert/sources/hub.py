@@ -2,40 +2,30 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import queue
 import shutil
-import struct
 import tempfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status, httpx
+from huggingface_hub import HfApi, constants, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.utils import are_progress_bars_disabled, build_hf_headers, get_session, hf_raise_for_status
 from huggingface_hub.utils.sha import sha_fileobj
 from tqdm.auto import tqdm
 
 from ..errors import ConvertError
-from ..safetensors_io import _MAX_HEADER, load_json, parse_header, read_header
+from ..hub_errors import hub_errors
+from ..safetensors_io import header_length, load_json, parse_header, read_header
 from .base import ShardHeader, check_relative, structure_fingerprint, weight_shards
 
 _API_TIMEOUT = 30.0  # seconds for an API call (repo info) to answer; downloads use HF_HUB_DOWNLOAD_TIMEOUT
 _CLOSE_GRACE = 2.0  # seconds close() waits for an aborted download before leaving it to die with the process
 _HEADER_PROBE = 100_000  # first ranged read; almost every safetensors header fits (as huggingface_hub assumes)
 _METADATA_DIR = "metadata"  # subfolder of work_dir for small non-weight files
-_TOKEN_FIX = "Accept the model's terms on its Hub page if it is gated, then pass --token or set HF_TOKEN"
 
 
 class _Stopped(Exception):
@@ -122,11 +112,19 @@ class _QuietBar:
         pass
 
 
+def cached_file(repo_id: str, filename: str, *, revision: str) -> Path | None:
+    """``filename`` of ``repo_id`` at commit ``revision`` in the Hugging Face cache, if it is there."""
+    found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    return Path(found) if isinstance(found, str) else None
+
+
 class HubSource:
     """A Hub repo pinned to one commit; shards are downloaded into ``work_dir`` on demand and deleted on release.
 
-    At most one download runs at a time: the shard being acquired or the one prefetched ahead, so the
-    disk holds the shards currently acquired plus at most one more.
+    Files of that commit already in the Hugging Face cache (``HF_HUB_CACHE``) are read there, in place,
+    and never deleted: only what is missing is downloaded. At most one download runs at a time: the shard
+    being acquired or the one prefetched ahead, so ``work_dir`` holds the shards currently acquired plus
+    at most one more.
     """
 
     def __init__(self, repo_id: str, *, revision: str | None = None, token: str | None = None,
@@ -150,6 +148,7 @@ class HubSource:
         self._pool = _Worker(_THREAD_PREFIX + "download")
         self._pending: dict[str, Future[Path]] = {}  # submitted, not acquired yet
         self._held: dict[str, Path] = {}  # acquired, not released yet
+        self._cached: set[str] = set()  # read from the Hugging Face cache, never deleted
         self._stop = threading.Event()
         self._bar: tqdm | None = None
         self._headers: dict[str, ShardHeader] | None = None
@@ -175,6 +174,8 @@ class HubSource:
             raise ConvertError(f"{filename} is missing", where=self.description,
                                fix="A Hugging Face checkpoint repo needs config.json" if filename == "config.json"
                                else "The file is not in this revision of the repo")
+        if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
+            return cached
         with self._hub_errors(filename):
             return Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
                                                   local_dir=self.work_dir / _METADATA_DIR, tqdm_class=_QuietBar))
@@ -192,17 +193,13 @@ class HubSource:
         return self._headers
 
     def _remote_header(self, filename: str) -> ShardHeader:
+        if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
+            return read_header(cached, filename=filename)
         size = self._siblings[filename].size or 0
         url = hf_hub_url(self.repo_id, filename, revision=self.revision, endpoint=self._api.endpoint)
         with self._hub_errors(filename):
             head = self._read_range(url, 0, min(size, _HEADER_PROBE)) if size >= 8 else b""
-            if len(head) < 8:
-                raise ConvertError("truncated shard: shorter than 8 bytes", where=filename,
-                                   fix="Re-download or re-export this shard")
-            (length,) = struct.unpack("<Q", head[:8])
-            if length > _MAX_HEADER or 8 + length > size:
-                raise ConvertError(f"corrupt safetensors header: length {length} does not fit a {size}-byte file",
-                                   where=filename, fix="Re-download or re-export this shard")
+            length = header_length(head, file_size=size, filename=filename)
             if 8 + length > len(head):
                 head += self._read_range(url, len(head), 8 + length - len(head))
         return parse_header(head[8:8 + length], filename=filename, file_size=size)
@@ -259,7 +256,11 @@ class HubSource:
             raise ValueError(f"{filename!r} is not a weight shard of {self.description}")
 
     def _download(self, filename: str) -> Path:
-        """Runs on the download thread: fetch ``filename`` into work_dir and verify it."""
+        """Runs on the download thread: fetch ``filename`` into work_dir (unless cached) and verify it."""
+        if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
+            self._cached.add(filename)
+            self._verify(filename, cached)
+            return cached
         with self._hub_errors(filename):
             path = Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
                                                   local_dir=self.work_dir, tqdm_class=self._bar_class()))
@@ -272,7 +273,9 @@ class HubSource:
 
     def _verify(self, filename: str, path: Path) -> None:
         lfs = self._siblings[filename].lfs
-        if lfs is not None:  # weights are always LFS on the Hub; a plain git file has only a sha1 we skip
+        if lfs is not None and path.resolve().name == lfs.sha256:
+            pass  # a cache blob is named by its sha256, checked by huggingface_hub when it was stored
+        elif lfs is not None:  # weights are always LFS on the Hub; a plain git file has only a sha1 we skip
             with open(path, "rb") as f:
                 actual = sha_fileobj(f).hex()
             if actual != lfs.sha256:
@@ -284,6 +287,8 @@ class HubSource:
                                where=f"{self.description}/{filename}", fix="Re-run the conversion")
 
     def _delete(self, filename: str) -> None:
+        if filename in self._cached:
+            return  # the Hugging Face cache's own copy
         (self.work_dir / filename).unlink(missing_ok=True)
         meta = self.work_dir / ".cache" / "huggingface" / "download" / f"{filename}.metadata"
         meta.unlink(missing_ok=True)
@@ -346,38 +351,13 @@ class HubSource:
     # -- errors ----------------------------------------------------------------------------------
 
     @contextmanager
-    def _hub_errors(self, filename: str | None = None):
-        """Turn huggingface_hub/network/disk errors into one-line ConvertErrors (never echoing the token)."""
-        where = f"{self.description}/{filename}" if filename else self.description
+    def _hub_errors(self, filename: str | None = None) -> Iterator[None]:
+        """Hub, network and disk errors inside the block as one-line ConvertErrors (never echoing the token)."""
         outer, _CALLING.active = getattr(_CALLING, "active", False), True
         try:
-            yield
-        except GatedRepoError:  # before RepositoryNotFoundError, its base class
-            raise ConvertError("gated repo: access needs an accepted license and a token", where=self.repo_id,
-                               fix=_TOKEN_FIX) from None
-        except RepositoryNotFoundError:
-            raise ConvertError("repo not found, or private and no valid token given", where=self.repo_id,
-                               fix="Check the repo id; for a private repo pass --token or set HF_TOKEN") from None
-        except RevisionNotFoundError:
-            raise ConvertError(f"revision {self._requested_revision!r} not found", where=self.repo_id,
-                               fix="Use a branch, tag or commit sha that exists in the repo") from None
-        except OfflineModeIsEnabled:
-            raise ConvertError("HF_HUB_OFFLINE is set, so the Hub cannot be read", where=where,
-                               fix="Unset HF_HUB_OFFLINE, or convert from a local folder") from None
-        except (httpx.TransportError, LocalEntryNotFoundError) as exc:  # the latter: HEAD failed, nothing local
-            raise ConvertError(f"cannot reach the Hub ({type(exc).__name__})", where=self._api.endpoint,
-                               fix="Check the network connection or --endpoint, then re-run to resume") from None
-        except RemoteEntryNotFoundError:
-            raise ConvertError("file not found in the repo", where=where,
-                               fix="The repo may have changed; re-run to re-read it") from None
-        except HfHubHTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            raise ConvertError(f"Hub request failed with HTTP {status}", where=where,
-                               fix="Retry later; check --endpoint and the token's permissions") from None
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ConvertError("disk full while downloading", where=str(self.work_dir),
-                                   fix="Free space or point --work-dir at a larger disk") from None
-            raise
+            with hub_errors(self.repo_id, where=f"{self.description}/{filename}" if filename else self.description,
+                            endpoint=self._api.endpoint, revision=self._requested_revision,
+                            work_dir=getattr(self, "work_dir", None)):
+                yield
         finally:
             _CALLING.active = outer

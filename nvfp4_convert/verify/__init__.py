@@ -66,8 +66,9 @@ def verify(out: Path, *, source: str | None = None, revision: str | None = None,
     report.seconds = time.perf_counter() - started
     if json_path is not None:
         write_json_atomic(Path(json_path), report.to_dict())
+        report.written.append(Path(json_path))
     if plot_dir is not None:
         from .plots import save_plots
 
-        save_plots(report, Path(plot_dir))
+        report.written += save_plots(report, Path(plot_dir))
     return report

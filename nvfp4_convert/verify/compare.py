@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..constants import SCALE_SUFFIXES
 from ..errors import ConvertError
 from ..fp8 import source_flavour
+from ..kernels import reference
 from ..kernels.common import BLOCK, dequantize, grid_position, is_dust, unpack_codes
 from ..kernels.reference import cast_e2m1
 from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
@@ -51,6 +52,7 @@ class LayerError:
     max_code_distance: int  # E2M1 grid steps between a stored code and the rounding of the source value
     outlier: str | None = None
     dust: bool = False  # max|W| below what NVFP4's smallest global scale resolves: (almost) all codes are 0
+    gain_vs_rtn: float = 0.0  # share of round-to-nearest's squared error (same weight_scale_2) this output removes
 
 
 @dataclass
@@ -167,13 +169,15 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
     if scale is None or scale[1].shape != (n, k // BLOCK) or ws2_entry is None or ws2_entry[1].nbytes != 4:
         return  # malformed, reported by the layout check
     ws2 = torch.frombuffer(output.read(f"{module}.weight_scale_2"), dtype=torch.float32).reshape(())
-    signal = error = amax = 0.0
+    signal = error = rtn_error = amax = 0.0
     worst, worst_at = 0, (0, 0)
     step = max(1, COMPARE_BYTES // (k * 4))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        w = read_rows(path, header, info.name, r0, r1).float()
+        raw = read_rows(path, header, info.name, r0, r1)
+        w = raw.float()
         packed, scales = output.rows(f"{module}.weight", r0, r1), output.rows(f"{module}.weight_scale", r0, r1)
+        rtn_error += float(((w - dequantize(*reference.quantize(raw, ws2), ws2)).double() ** 2).sum())
         signal += float((w.double() ** 2).sum())
         amax = max(amax, float(w.abs().max()) if w.numel() else 0.0)
         error += float(((w - dequantize(packed, scales, ws2)).double() ** 2).sum())
@@ -182,8 +186,8 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
             worst, flat = int(distance.max()), int(distance.argmax())
             worst_at = (r0 + flat // k, flat % k)
     rel = math.sqrt(error / signal) if signal > 0 else (0.0 if error == 0 else math.inf)
-    layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst,
-                       dust=is_dust(amax))
+    gain = 1.0 - error / rtn_error if rtn_error > 0 and math.isfinite(error) else 0.0
+    layer = LayerError(module, (n, k), _sqnr(signal, error), rel, worst, dust=is_dust(amax), gain_vs_rtn=gain)
     if worst > 1:
         layer.outlier = (f"a code is {worst} E2M1 steps from the rounding of the source value "
                          f"(row {worst_at[0]}, column {worst_at[1]})")

@@ -7,14 +7,13 @@ matplotlib backend is left alone.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import ConvertError
+from ..errors import require_module
 from ..kernels.common import E2M1_VALUES
 
 if TYPE_CHECKING:
@@ -23,9 +22,7 @@ if TYPE_CHECKING:
 
 def require_matplotlib() -> None:
     """Raise a one-line error when matplotlib is not installed."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConvertError("plots need matplotlib, which is not installed", where="--plots",
-                           fix="pip install 'nvfp4-convert[plot]'")
+    require_module("matplotlib", purpose="plots", where="--plots", extra="plot")
 
 
 def plot_sqnr(report: VerifyReport, ax) -> None:

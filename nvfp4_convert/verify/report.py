@@ -43,6 +43,7 @@ class VerifyReport:
     code_counts: list[int] = field(default_factory=lambda: [0] * 16)  # E2M1 codes 0..15 over all weights
     scale_counts: list[int] = field(default_factory=lambda: [0] * 256)  # block scales by E4M3 byte
     seconds: float = 0.0
+    written: list[Path] = field(default_factory=list)  # the --json and --plots files
 
     @property
     def ok(self) -> bool:
@@ -82,7 +83,8 @@ class VerifyReport:
             "sqnr_db": {"median": num(stats[0]), "min": num(stats[1])} if stats else None,
             "kept_identical": self.identical if self.source is not None else None,
             "layers": [{"module": x.module, "shape": list(x.shape), "sqnr_db": num(x.sqnr_db),
-                        "rel_rms": num(x.rel_rms), "max_code_distance": x.max_code_distance, "outlier": x.outlier}
+                        "rel_rms": num(x.rel_rms), "max_code_distance": x.max_code_distance, "outlier": x.outlier,
+                        "gain_vs_rtn": num(x.gain_vs_rtn)}
                        for x in self.layers],
             "e2m1_code_counts": self.code_counts,
             "block_scale_byte_counts": self.scale_counts,

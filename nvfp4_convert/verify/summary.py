@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 from .report import CHECKS, SOURCE_CHECKS, VerifyReport
 
@@ -27,6 +28,11 @@ def format_summary(report: VerifyReport) -> str:
             worst = min(measured, key=lambda x: x.sqnr_db)
             lines.append(f"SQNR:       median {stats[0]:.1f} dB, min {stats[1]:.1f} dB ({worst.module}); "
                          f"max relative RMS error {max(x.rel_rms for x in measured):.4f}")
+        gains = sorted(x.gain_vs_rtn for x in report.layers if not x.dust)
+        if gains and any(gains):
+            least = min((x for x in report.layers if not x.dust), key=lambda x: x.gain_vs_rtn)
+            lines.append(f"vs rtn:     block scales remove {statistics.median(gains):.1%} of round-to-nearest's "
+                         f"squared error (median per layer; least {gains[0]:.1%}, {least.module})")
         lines.append(f"kept:       {report.identical} of {len(report.kept)} tensors byte-identical to the source")
     verdict = "PASS" if report.ok else f"FAIL: {len(report.violations)} violation(s)"
     lines += [f"verdict:    {verdict} ({report.seconds:.1f} s)"]
