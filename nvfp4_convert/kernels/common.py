@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 from ..constants import BLOCK, E2M1_MAX, E4M3_MAX, GLOBAL_SCALE_MIN, SCALE_MIN
@@ -16,8 +18,9 @@ E2M1_VALUES = torch.tensor(_E2M1_VALUES)  # value of each 4-bit code, as a float
 # run on CUDA. There PyTorch replaces a division by a CPU scalar with a multiplication by the scalar's
 # float32 reciprocal (aten/src/ATen/native/cuda/BinaryDivTrueKernel.cu: ``inv_b = opmath_t(1.0) / b``,
 # then ``a * inv_b``), which differs from the quotient by one ulp for about a quarter of all amax values.
-# ``INV_GLOBAL`` is that float32 reciprocal, fl(1/2688) = 0x1.861862p-12, exactly representable as a float.
-INV_GLOBAL = float.fromhex("0x1.861862p-12")
+# ``INV_GLOBAL`` is that float32 reciprocal, fl(1/2688) = 0x1.861862p-12 (a float32 value, so products with
+# it round once).
+INV_GLOBAL = struct.unpack("f", struct.pack("f", 1.0 / (E2M1_MAX * E4M3_MAX)))[0]
 
 
 def global_scale(amax: torch.Tensor | float) -> torch.Tensor:
