@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,14 +330,9 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
     for module in unit.modules:
         name = f"{module}.weight"
         amax = loaded.amax[name] if loaded is not None else _amax(_rows(name, plan, paths, None), backend).cpu()
-        if not torch.isfinite(amax):
-            raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
-                               fix="Fix the source weights, or --exclude this module to keep it unquantized")
+        _check_finite(name, amax, plan)
         group_amax = torch.maximum(group_amax, amax)
-    ws2 = global_scale(group_amax).reshape(())
-    dust = is_dust(group_amax)
-    quantize = _quantize_dust if dust else backend.quantize
-    searched = search.quantize if dust or backend.search is None else backend.search
+    ws2, quantize, searched = _group_kernels(group_amax, backend)
     for module in unit.modules:
         k = plan.tensors[f"{module}.weight"].info.shape[1]
         h = None
@@ -363,13 +358,8 @@ def _process_stacked(name: str, plan: Plan, loaded: _Loaded | None, paths: dict[
     proxy for these and searches them unweighted."""
     stacked = loaded.tensors[name] if loaded is not None else _map(name, plan, paths)
     amax = loaded.amax[name] if loaded is not None else _amax(stacked, backend).cpu()
-    if not torch.isfinite(amax):
-        raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
-                           fix="Fix the source weights, or --exclude this module to keep it unquantized")
-    ws2 = global_scale(amax).reshape(())
-    dust = is_dust(amax)
-    quantize = _quantize_dust if dust else backend.quantize
-    searched = search.quantize if dust or backend.search is None else backend.search
+    _check_finite(name, amax, plan)
+    ws2, quantize, searched = _group_kernels(amax, backend)
     experts, k, n = stacked.shape
     for e in range(experts):
         rows = stacked[e].t().contiguous()
@@ -380,6 +370,21 @@ def _process_stacked(name: str, plan: Plan, loaded: _Loaded | None, paths: dict[
     writes.submit(writer.write, f"{name}_weight_scale_2", ws2, nbytes=4)
     if not plan.weight_only:
         writes.submit(writer.write, f"{name}_input_scale", _ONE, nbytes=4)
+
+
+def _check_finite(name: str, amax: torch.Tensor, plan: Plan) -> None:
+    if not torch.isfinite(amax):
+        raise ConvertError(f"tensor {name} contains NaN or Inf", where=plan.tensors[name].shard,
+                           fix="Fix the source weights, or --exclude this module to keep it unquantized")
+
+
+def _group_kernels(group_amax: torch.Tensor, backend: Backend) -> tuple[torch.Tensor, Callable, Callable]:
+    """A fused group's ``weight_scale_2`` and the round-to-nearest and search functions that quantize it
+    (denormal dust goes to the reference on every backend)."""
+    ws2 = global_scale(group_amax).reshape(())
+    if is_dust(group_amax):
+        return ws2, _quantize_dust, search.quantize
+    return ws2, backend.quantize, backend.search or search.quantize
 
 
 def _quantize_dust(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
