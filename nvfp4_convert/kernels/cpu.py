@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import Backend, reference
-from .common import BLOCK, E2M1_MAX, global_scale
+from .common import BLOCK, E2M1_MAX
 
 __all__ = ["amax", "available", "quantize", "set_threads", "threads"]
 
@@ -204,32 +204,45 @@ def amax(weight: torch.Tensor) -> torch.Tensor:
 
 def search(weight: torch.Tensor, amax: torch.Tensor, channel_weights: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``mse``/``mse-weighted`` block scales (same contract and bits as :func:`.search.quantize`); the sweep
-    runs in numba on the pool, the export and the codes in torch."""
+    """``mse``/``mse-weighted`` quantization (same contract and bits as :func:`.search.quantize`), searched
+    and encoded row by row in one numba pass on the pool (see :func:`.numba_kernels.search_block`)."""
     from . import search as sweep
 
     amax = torch.as_tensor(amax, dtype=torch.float32).detach().cpu().reshape(())
     weight = weight.detach().cpu()
     rows, k = weight.shape
-    if amax == 0 or not rows or not k:
+    if amax == 0 or not rows or not k or weight.dtype not in _SUPPORTED:
         return sweep.quantize(weight, amax, channel_weights)
     _require()
-    a = weight.float().abs().contiguous().numpy()
+    weight = weight.contiguous()
+    tables = sweep.tables(amax)
     h = (torch.ones(k) if channel_weights is None else channel_weights.float()).contiguous().numpy()
-    cands = sweep.candidate_scales(amax).contiguous().numpy()
-    best = np.empty((rows, k // BLOCK), dtype=np.int16)
+    consts = (h, *(t.numpy() for t in tables))
+    if weight.dtype == torch.float32:
+        kernel, w = _KERNELS.search_f32, weight.numpy()
+    elif weight.dtype == torch.bfloat16:
+        kernel, w = _KERNELS.search_bf16, _bits(weight)
+    else:
+        kernel, w, consts = _KERNELS.search_f16, _bits(weight), (*consts, _f16_bits())
+    packed = np.empty((rows, k // 2), dtype=np.uint8)
+    scales = np.empty((rows, k // BLOCK), dtype=np.uint8)
     n = threads()
     chunks = min(rows, _CHUNKS_PER_THREAD * n) if n > 1 and rows * k >= _MIN_PARALLEL_ELEMENTS else 1
     cuts = [rows * c // chunks for c in range(chunks + 1)]
     if chunks == 1:
-        _KERNELS.search_rows(a, h, cands, best)
+        _search_rows(kernel, w, consts, packed, scales)
     else:
         pool = _pool(n)
-        jobs = [pool.submit(_KERNELS.search_rows, a[x:y], h, cands, best[x:y]) for x, y in zip(cuts[:-1], cuts[1:])]
+        jobs = [pool.submit(_search_rows, kernel, w[x:y], consts, packed[x:y], scales[x:y])
+                for x, y in zip(cuts[:-1], cuts[1:])]
         for job in jobs:
             job.result()
-    scales = sweep.export_scales(torch.from_numpy(best).long(), amax)
-    return reference.encode(weight, scales, global_scale(amax)), scales
+    return torch.from_numpy(packed), torch.from_numpy(scales).view(torch.float8_e4m3fn)
+
+
+def _search_rows(kernel, w, consts, packed, scales) -> None:
+    h, cands, thr, sbytes, divs, *extra = consts
+    kernel(w, h, cands, thr, sbytes, divs, packed, scales, *extra)
 
 
 BACKENDS = (

@@ -84,9 +84,17 @@ def quantize_row(f, u, packed, scales, ws2, six_ws2, blk, blkf, codes):
             sb = np.uint32(0x7F)
         scales[b] = np.uint8(sb)
         amf[b] = q * ws2
-    # 4. E2M1 code of every element: a correctly rounded division by the block's divisor
-    for b in range(nb):
-        d = amf[b]
+    # 4, 5. E2M1 codes, packed
+    encode_row(f, amf, packed, codes)
+
+
+@_jit(inline="always")
+def encode_row(f, divisors, packed, codes):
+    """Packed E2M1 codes of one row ``f`` (float32) under per-block divisors ``float(scale) * ws2``."""
+    k = f.shape[0]
+    # E2M1 code of every element: a correctly rounded division by the block's divisor
+    for b in range(k // 16):
+        d = divisors[b]
         for i in range(16):
             x = f[b * 16 + i] / d
             a = np.abs(x)
@@ -101,7 +109,7 @@ def quantize_row(f, u, packed, scales, ws2, six_ws2, blk, blkf, codes):
             )
             c += np.int32(8) * np.int32(x < _F_ZERO)
             codes[b * 16 + i] = np.uint8(c)
-    # 5. pack: as little-endian uint16, pair j is lo | hi << 8 (both < 16); lo | hi << 4 is its byte
+    # pack: as little-endian uint16, pair j is lo | hi << 8 (both < 16); lo | hi << 4 is its byte
     pairs = codes.view(np.uint16)
     for j in range(k // 2):
         p = pairs[j]
@@ -151,43 +159,167 @@ def quantize_f16(w, packed, scales, ws2, six_ws2, f16_bits):
         quantize_row(f, u, packed[r], scales[r], ws2, six_ws2, blk, blkf, codes)
 
 
-# E2M1 magnitudes as ModelOpt's sweep rounds them (``fp4_round_magnitude``): 6 minus the steps whose
-# bounds y does not exceed, each a power-of-two multiple, so the sum is exact; NaN gives 6.
+# -- the block-scale search (mse / mse-weighted): see :mod:`.search` for the arithmetic ---------------------
+
 _F_SIX = np.float32(6.0)
 _F_TWO = np.float32(2.0)
 _F_HALF = np.float32(0.5)
+_F_INF = np.float32(np.inf)
+_F_NORMAL_MIN2 = np.float32(2.0**-125)  # halving a scale at least this large is exact
+
+
+@_jit(inline="always")
+def _term(x, hx, s, t):
+    """``h * (x - q * s)^2`` for one element, ``q`` its E2M1 magnitude from the thresholds ``t`` of ``s``;
+    also returns ``q``."""
+    q = (_F_SIX - _F_TWO * np.float32(x <= t[6]) - _F_ONE * np.float32(x <= t[5])
+         - _F_ONE * np.float32(x <= t[4]) - _F_HALF * np.float32(x <= t[3])
+         - _F_HALF * np.float32(x <= t[2]) - _F_HALF * np.float32(x <= t[1])
+         - _F_HALF * np.float32(x <= t[0]))
+    e = x - q * s
+    return (e * e) * hx, q
+
+
+@_jit(inline="always")
+def _loss(x, hx, s, t, d):
+    """The loss of the block ``x`` (16 values ``|w|``, weights ``hx``) under candidate scale ``s`` with
+    thresholds ``t``, summed in the reference's order; ``d`` is 16 floats of scratch."""
+    t0, t1, t2, t3, t4, t5, t6 = t[0], t[1], t[2], t[3], t[4], t[5], t[6]
+    for i in range(16):
+        xi = x[i]
+        q = (_F_SIX - _F_TWO * np.float32(xi <= t6) - _F_ONE * np.float32(xi <= t5)
+             - _F_ONE * np.float32(xi <= t4) - _F_HALF * np.float32(xi <= t3)
+             - _F_HALF * np.float32(xi <= t2) - _F_HALF * np.float32(xi <= t1)
+             - _F_HALF * np.float32(xi <= t0))
+        e = xi - q * s
+        d[i] = (e * e) * hx[i]
+    for i in range(8):
+        d[i] = d[i] + d[i + 8]
+    return ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]))
+
+
+@_jit(inline="always")
+def _better(loss, j, best, bi):
+    """Whether candidate ``j`` with ``loss`` beats the best so far: what the reference's ascending sweep
+    with a strict ``<`` keeps (the least loss, the first index on a tie; NaN never wins)."""
+    return loss < best or (loss == best and j < bi)
+
+
+@_jit(inline="always")
+def search_block(x, hx, cands, thr, d):
+    """Index of the winning candidate for the block ``x`` (16 values ``|w|``, weights ``hx``), as the
+    reference's sweep finds it.
+
+    Candidates are visited from the one nearest the round-to-nearest scale outward, and one is evaluated
+    only when the term of the block's largest element, a lower bound of its loss (the loss is a sum of
+    non-negative terms, and rounding to nearest never lets such a sum fall below a term), does not rule
+    it out. A direction stops once that bound rules out a candidate and can only grow from there on:
+    downward when the largest element clips (``6 s <= max``), upward when it rounds to 0.5 from below
+    half the scale or to 0. The result is the reference's exactly, the tie rule included."""
+    n = cands.shape[0]
+    m = 0
+    xm = x[0]
+    for i in range(1, 16):
+        if x[i] > xm:
+            xm = x[i]
+            m = i
+    hm = hx[m]
+    lo, hi = 0, n  # first candidate with 6 s >= xm
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if _F_SIX * cands[mid] < xm:
+            lo = mid + 1
+        else:
+            hi = mid
+    j0 = min(lo, n - 1)
+    best = _F_INF
+    bi = 0
+    loss = _loss(x, hx, cands[j0], thr[j0], d)
+    if _better(loss, j0, best, bi):
+        best, bi = loss, j0
+    for j in range(j0 - 1, -1, -1):
+        s = cands[j]
+        bound, q = _term(xm, hm, s, thr[j])
+        if bound > best:
+            if q == _F_SIX and _F_SIX * s <= xm:
+                break
+            continue
+        if bound == best and j > bi:
+            continue
+        loss = _loss(x, hx, s, thr[j], d)
+        if _better(loss, j, best, bi):
+            best, bi = loss, j
+    for j in range(j0 + 1, n):
+        s = cands[j]
+        bound, q = _term(xm, hm, s, thr[j])
+        if bound > best:
+            if q == _F_ZERO or (q == _F_HALF and s >= _F_NORMAL_MIN2 and _F_HALF * s >= xm):
+                break
+            continue
+        if bound == best and j > bi:
+            continue
+        loss = _loss(x, hx, s, thr[j], d)
+        if _better(loss, j, best, bi):
+            best, bi = loss, j
+    return bi
+
+
+@_jit(inline="always")
+def search_row(f, u, a, h, cands, thr, sbytes, divs, packed, scales, divisors, codes, d):
+    """One row (``f`` float32, ``u`` its bits): search every block, then encode with the winners' scales."""
+    k = f.shape[0]
+    au = a.view(np.uint32)
+    for i in range(k):
+        au[i] = u[i] & _U_ABS32
+    for b in range(k // 16):
+        j = search_block(a[b * 16 : b * 16 + 16], h[b * 16 : b * 16 + 16], cands, thr, d)
+        scales[b] = sbytes[j]
+        divisors[b] = divs[j]
+    encode_row(f, divisors, packed, codes)
 
 
 @_jit()
-def search_rows(a, h, cands, best):
-    """For every 16-element block of ``a`` (float32 ``|w|`` rows ``[R, K]``), the index of the first of the
-    candidate scales ``cands`` (float32 ``[126]``) with the least ``sum h * (a - q * s)^2`` (``h`` float32
-    ``[K]``; all ones for plain ``mse``: multiplying by 1 is exact), summed in NumPy's pairwise order: the
-    arithmetic of :mod:`.search`, step for step."""
-    rows, k = a.shape
-    nb = k // 16
-    ncand = cands.shape[0]
+def search_f32(w, h, cands, thr, sbytes, divs, packed, scales):
+    """``mse``/``mse-weighted`` quantization of float32 rows ``w`` with per-column weights ``h`` (all ones
+    for ``mse``: multiplying by 1 is exact), candidate scales ``cands``, their thresholds ``thr``
+    (:func:`.search.thresholds`), exported bytes ``sbytes`` and encode divisors ``divs``."""
+    rows, k = w.shape
+    wu = w.view(np.uint32)
+    a = np.empty(k, dtype=np.float32)
+    divisors = np.empty(k // 16, dtype=np.float32)
+    codes = np.empty(k, dtype=np.uint8)
     d = np.empty(16, dtype=np.float32)
     for r in range(rows):
-        for b in range(nb):
-            best_loss = np.float32(np.inf)
-            bi = 0
-            for j in range(ncand):
-                s = cands[j]
-                if s == _F_ZERO:
-                    s = _F_ONE
-                for i in range(16):
-                    x = a[r, b * 16 + i]
-                    y = x / s
-                    q = (_F_SIX - _F_TWO * np.float32(y <= _B6) - _F_ONE * np.float32(y < _B5)
-                         - _F_ONE * np.float32(y <= _B4) - _F_HALF * np.float32(y < _B3)
-                         - _F_HALF * np.float32(y <= _B2) - _F_HALF * np.float32(y < _B1)
-                         - _F_HALF * np.float32(y <= _B0))
-                    e = x - q * s
-                    d[i] = (e * e) * h[b * 16 + i]
-                loss = (((d[0] + d[8]) + (d[1] + d[9])) + ((d[2] + d[10]) + (d[3] + d[11]))) + (
-                    ((d[4] + d[12]) + (d[5] + d[13])) + ((d[6] + d[14]) + (d[7] + d[15])))
-                if loss < best_loss:
-                    best_loss = loss
-                    bi = j
-            best[r, b] = bi
+        search_row(w[r], wu[r], a, h, cands, thr, sbytes, divs, packed[r], scales[r], divisors, codes, d)
+
+
+@_jit()
+def search_bf16(w, h, cands, thr, sbytes, divs, packed, scales):
+    """Like :func:`search_f32` for rows of bf16 bit patterns (uint16)."""
+    rows, k = w.shape
+    u = np.empty(k, dtype=np.uint32)
+    f = u.view(np.float32)
+    a = np.empty(k, dtype=np.float32)
+    divisors = np.empty(k // 16, dtype=np.float32)
+    codes = np.empty(k, dtype=np.uint8)
+    d = np.empty(16, dtype=np.float32)
+    for r in range(rows):
+        for i in range(k):
+            u[i] = np.uint32(w[r, i]) << np.uint32(16)
+        search_row(f, u, a, h, cands, thr, sbytes, divs, packed[r], scales[r], divisors, codes, d)
+
+
+@_jit()
+def search_f16(w, h, cands, thr, sbytes, divs, packed, scales, f16_bits):
+    """Like :func:`search_f32` for rows of fp16 bit patterns (uint16), widened through ``f16_bits``."""
+    rows, k = w.shape
+    u = np.empty(k, dtype=np.uint32)
+    f = u.view(np.float32)
+    a = np.empty(k, dtype=np.float32)
+    divisors = np.empty(k // 16, dtype=np.float32)
+    codes = np.empty(k, dtype=np.uint8)
+    d = np.empty(16, dtype=np.float32)
+    for r in range(rows):
+        for i in range(k):
+            u[i] = f16_bits[w[r, i]]
+        search_row(f, u, a, h, cands, thr, sbytes, divs, packed[r], scales[r], divisors, codes, d)

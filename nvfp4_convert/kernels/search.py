@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from ..constants import E2M1_BOUNDS
 from . import reference
 from .common import BLOCK, E4M3_MAX, SCALE_MIN, global_scale
 
@@ -47,6 +48,55 @@ def candidates() -> torch.Tensor:
 def candidate_scales(amax: torch.Tensor) -> torch.Tensor:
     """``s_k = (c_k * A) / 6`` for global amax ``A`` (float32 ``[126]``, non-decreasing)."""
     return (candidates() * amax.float().reshape(())) / torch.tensor(6.0)
+
+
+def safe_scales(amax: torch.Tensor) -> torch.Tensor:
+    """The candidate scales as the loss uses them (a zero scale, possible only for a zero amax, reads as 1)."""
+    s = candidate_scales(amax)
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+# E2M1 magnitude as a sum of steps: q = 6 - sum_i step_i * [x/s below bound i], where "below" is ``<=`` at
+# the even bounds 0.25, 1.25, 2.5, 5 and ``<`` at 0.75, 1.75, 3.5 (ModelOpt's ``fp4_round_magnitude``).
+STEPS = (0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 2.0)
+
+
+def thresholds(scales: torch.Tensor) -> torch.Tensor:
+    """``T [S, 7]`` (float32) with ``RN(x / s_j)`` below bound ``i`` exactly when ``x <= T[j, i]``, for every
+    float32 ``x >= 0``: the largest such ``x``, found on the bit patterns with exact float32 division.
+
+    ``RN(x / s)`` is non-decreasing in ``x``, so each condition holds on a prefix of the non-negative
+    floats; with these thresholds a kernel finds every E2M1 magnitude of the sweep with compares alone,
+    no division, and gets the same magnitudes as :func:`block_loss`.
+    """
+    s = scales.float().reshape(-1, 1).expand(-1, len(STEPS))
+    bounds = torch.tensor(E2M1_BOUNDS).expand_as(s)
+    inclusive = torch.tensor([True, False, True, False, True, False, True]).expand_as(s)
+
+    def below(x):
+        y = x / s
+        return torch.where(inclusive, y <= bounds, y < bounds)
+
+    inf = torch.tensor(float("inf"))
+    t = (bounds * s).clamp(min=0)
+    for _ in range(64):  # a few ulps from the product; the loop ends as soon as nothing moves
+        down = ~below(t)
+        up = below(torch.nextafter(t, inf)) & ~down
+        if not (down.any() or up.any()):
+            return t.contiguous()
+        t = torch.where(down, torch.nextafter(t, -inf).clamp(min=0), torch.where(up, torch.nextafter(t, inf), t))
+    raise AssertionError("E2M1 thresholds did not converge")
+
+
+def tables(amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What a kernel needs per group, for global amax ``amax > 0``: the candidate scales as the loss uses
+    them (float32 ``[126]``), their thresholds (``[126, 7]``), each candidate's exported block-scale byte
+    (uint8 ``[126]``) and the float32 divisor ``float(scale) * weight_scale_2`` its codes are encoded with."""
+    amax = torch.as_tensor(amax, dtype=torch.float32).reshape(())
+    scales = safe_scales(amax)
+    exported = export_scales(torch.arange(NUM_CANDIDATES), amax)
+    divisors = exported.float() * global_scale(amax)
+    return scales.contiguous(), thresholds(scales), exported.view(torch.uint8).contiguous(), divisors.contiguous()
 
 
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
