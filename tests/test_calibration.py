@@ -365,3 +365,25 @@ def test_headroom_multiplies_the_calibrated_amax(model, text_file, tmp_path):
     info = read_conversion_info(tmp_path / "room")
     assert info["calibration"]["headroom"] == 1.5 and "1.5 * max|x|" in info["activation_policy"]
     assert "headroom" not in read_conversion_info(tmp_path / "plain")["calibration"]
+
+
+def test_a_long_text_is_tokenized_only_as_far_as_the_samples_need(model, tmp_path, monkeypatch):
+    from nvfp4_convert.calibration import data as calibration_data
+
+    src = model("llama")
+    tok = load_tokenizer(open_source(str(src)), where="src")
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join(f"line {i}: {TEXT[i % 50: i % 50 + 60]}" for i in range(4000)))  # ~300k chars
+    seen = []
+    original = calibration_data._tokens
+
+    def counting(text, tokenizer, needed):
+        ids = original(text, tokenizer, needed)
+        seen.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(calibration_data, "_tokens", counting)
+    data = _ids(src, long, samples=4, seq_len=64)
+    whole = tok(long.read_text(), add_special_tokens=False)["input_ids"]
+    assert data.input_ids.reshape(-1).tolist() == whole[:256]
+    assert seen and seen[0] < len(whole) // 2  # a prefix was enough

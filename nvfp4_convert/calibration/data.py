@@ -113,10 +113,25 @@ def _token_stream(texts: Iterator[str], tokenizer, needed: int, *, where: str) -
             continue
         if ids:
             ids.extend(separator)
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(_tokens(text, tokenizer, needed - len(ids)))
         if len(ids) >= needed:
             break
     return ids
+
+
+def _tokens(text: str, tokenizer, needed: int) -> list[int]:
+    """The token ids of ``text``, or at least their first ``needed``: a long text is tokenized by growing
+    prefixes cut at a line break (tokens never span one), so a large file costs what the samples need."""
+    chars = max(needed * 8, 1 << 16)
+    while chars < len(text):
+        cut = text.rfind("\n", 0, chars)
+        if cut <= 0:
+            break
+        ids = tokenizer(text[:cut], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) > needed + 64:  # well past the cut's neighbourhood: the first ``needed`` are final
+            return ids
+        chars *= 2
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _file_texts(path: Path, column: str) -> Iterator[str]:
