@@ -188,6 +188,9 @@ def convert(
         metavar="NAME", help="With --calibrate: text column of .jsonl/.parquet/Hub data (default: text).")] = None,
     calib_split: Annotated[str | None, typer.Option(
         metavar="NAME", help="With --calibrate: Hub dataset split (default: train).")] = None,
+    calib_headroom: Annotated[float, typer.Option(
+        metavar="F", help="With --calibrate: multiply each calibrated max|x| by F before input_scale = "
+                          "max / (6 * 448) (1.0 is ModelOpt's value).")] = 1.0,
     push_to_hub: Annotated[str | None, typer.Option(
         metavar="REPO", help="After converting, verify OUT and upload it to this Hub repo.")] = None,
     private: PrivateOpt = False,
@@ -205,7 +208,8 @@ def convert(
         backend=backend, exact=exact, threads=threads, scales=scales, dry_run=dry_run, overwrite=overwrite,
         progress=progress,
         calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
-        calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
+        calib_split=calib_split, calib_headroom=calib_headroom, command=_command_line(),
+        log=lambda line: typer.echo(line, err=True),
     )
     typer.echo(report.format_plan() if dry_run else report.format_summary())
     if push_to_hub and dry_run:

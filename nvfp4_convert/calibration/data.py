@@ -190,7 +190,7 @@ def _hub_texts(repo_id: str, *, column: str, split: str, endpoint: str | None, t
         HFValidationError,
         RepositoryNotFoundError,
     )
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import httpx, validate_repo_id
 
     where = f"dataset {repo_id}"
     try:
@@ -204,7 +204,7 @@ def _hub_texts(repo_id: str, *, column: str, split: str, endpoint: str | None, t
     except RepositoryNotFoundError:
         raise ConvertError("the dataset does not exist or is not accessible", where=where,
                            fix="Check the id; for a gated or private dataset pass --token or set HF_TOKEN") from None
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, httpx.TransportError) as exc:
         raise ConvertError(f"cannot reach the dataset ({type(exc).__name__})", where=where,
                            fix="Check the network (or use a local .txt/.jsonl/.parquet file)") from None
     files = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(TEXT_SUFFIXES))
@@ -221,7 +221,7 @@ def _hub_texts(repo_id: str, *, column: str, split: str, endpoint: str | None, t
                 try:
                     local = Path(api.hf_hub_download(repo_id, filename, repo_type="dataset", revision=info.sha,
                                                      local_dir=scratch))
-                except (HfHubHTTPError, OSError) as exc:
+                except (HfHubHTTPError, OSError, httpx.TransportError) as exc:
                     raise ConvertError(f"cannot download {filename} ({type(exc).__name__})", where=where,
                                        fix="Check the network and re-run") from None
                 try:
