@@ -7,6 +7,8 @@ usage, printed as one ``error:`` line; 130 interrupted. Every command's errors g
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,8 +45,8 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            resume = "; run the same command again to resume" if ctx.invoked_subcommand in RESUMABLE else ""
-            typer.echo(f"interrupted{resume}", err=True)
+            typer.echo(_interrupted_line(ctx.invoked_subcommand), err=True)
+            _INTERRUPTS.reported = True
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
             if ctx.meta.get("debug"):
@@ -58,6 +60,36 @@ class _Group(TyperGroup):
                 raise typer.Exit(getattr(exc, "exit_code", EXIT_BAD_INPUT)) from None
             typer.echo(f"error: {type(exc).__name__}: {exc} (re-run with --debug for the traceback)", err=True)
             raise typer.Exit(EXIT_VIOLATIONS) from None
+
+
+def _interrupted_line(command: str | None) -> str:
+    return "interrupted" + ("; run the same command again to resume" if command in RESUMABLE else "")
+
+
+class _Interrupts:
+    """Ctrl-C while ``main()`` runs a command: the first one unwinds it (cleanup runs, the boundary prints the
+    one line); any later one, during that cleanup or the interpreter's exit (joining worker threads), ends
+    the process at once with the same line, printed once, and exit 130. Writes are atomic and the resume
+    record checks what it keeps, so the output stays resumable either way."""
+
+    def __init__(self) -> None:
+        self.count, self.line, self.reported = 0, "interrupted", False
+
+    def install(self, line: str) -> None:
+        self.line = line
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
+        if not self.reported:
+            os.write(2, f"{self.line}\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+
+_INTERRUPTS = _Interrupts()
 
 
 app = typer.Typer(
@@ -324,7 +356,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS and args[0] not in ("--help", "--version"):
         args.insert(0, "convert")  # also when an option comes first: `nvfp4-convert --dry-run SRC OUT`
-    app(args=args, prog_name="nvfp4-convert")
+    _INTERRUPTS.install(_interrupted_line(args[0] if args else None))
+    try:
+        app(args=args, prog_name="nvfp4-convert")
+    finally:
+        _INTERRUPTS.count += 1  # the command is over: a Ctrl-C during the exit only ends it sooner
 
 
 if __name__ == "__main__":

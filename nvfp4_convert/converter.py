@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, calibration, pipeline
+from .config_fields import read_model_config
 from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .importance import ChannelWeights, DataFreeProxy, FixedChannelWeights
@@ -213,13 +214,7 @@ def conversion_info(report: Report, *, source_revision: str | None, command: str
 
 
 def _read_config(source: Source) -> dict:
-    if "config.json" not in source.files:
-        raise ConvertError("config.json is missing", where=source.description,
-                           fix="Point at a Hugging Face checkpoint (folder or repo) that has config.json")
-    config = source.read_json("config.json")
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ConvertError("config.json has no model_type", where=f"{source.description}/config.json",
-                           fix="Fix config.json (it must be a transformers model config)")
+    config = read_model_config(source)
     check_not_quantized(config, {}, where=source.description)
     return config
 
@@ -287,7 +282,7 @@ def _calibration_data(source: Source, dataset: str, *, samples: int, seq_len: in
     from .calibration.data import load_calibration_data, load_tokenizer
     from .calibration.layers import build_skeleton
 
-    build_skeleton(source.read_json("config.json"), dtype=torch.bfloat16, where=source.description)  # fail early
+    build_skeleton(read_model_config(source), dtype=torch.bfloat16, where=source.description)  # fail early
     tokenizer = load_tokenizer(source, where=source.description)
     return load_calibration_data(dataset, tokenizer=tokenizer, samples=samples, seq_len=seq_len, column=column,
                                  split=split, endpoint=endpoint, token=token)

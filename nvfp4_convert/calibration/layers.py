@@ -29,7 +29,7 @@ def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
     config = {k: v for k, v in config.items() if k != "quantization_config"}  # FP8 weights arrive dequantized
     try:
         hf_config = AutoConfig.for_model(**config)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers parsing a config it was not written for fails in many ways
         custom = " (it is defined by custom code in the repo, which is never run)" if "auto_map" in config else ""
         raise ConvertError(f"transformers {transformers.__version__} cannot build model type {model_type!r}{custom}",
                            where=f"{where}/config.json",
@@ -39,9 +39,10 @@ def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, ImportError) as exc:
+    except Exception as exc:
         raise ConvertError(f"transformers cannot build a causal LM for model type {model_type!r} "
-                           f"({str(exc).splitlines()[0][:160]})", where=f"{where}/config.json",
+                           f"({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})",
+                           where=f"{where}/config.json",
                            fix="Calibration needs a decoder-only architecture transformers ships") from None
     model.eval()
     model.requires_grad_(False)
