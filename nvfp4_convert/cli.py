@@ -268,6 +268,10 @@ def verify_command(
 
             doc = json.loads(json_path.read_text())
             json_path.write_text(json.dumps({**doc, "activations": seen.to_dict()}, indent=2))
+        if plots:
+            from .verify.plots import save_activation_plots
+
+            report.written.extend(save_activation_plots(seen, plots))
     for violation in report.violations:
         typer.echo(f"violation: {violation.line()}")
     typer.echo(report.format_summary())

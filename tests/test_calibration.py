@@ -285,10 +285,13 @@ def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_p
     convert(str(src), out, calibrate=str(text_file), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", str(out), "--source", str(src), "--activations", str(text_file), "--calib-samples",
-              str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-progress", "--json", str(tmp_path / "v.json")])
+              str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-progress", "--json", str(tmp_path / "v.json"),
+              "--plots", str(tmp_path / "plots")])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "W4A4 stored input_scale" in printed and "model.layers.1" in printed
+    plot = tmp_path / "plots" / "activation_error_per_layer.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {plot}" in printed
     got = json.loads((tmp_path / "v.json").read_text())["activations"]["modules"]
 
     name = "model.layers.1.mlp.down_proj"
