@@ -390,3 +390,13 @@ def test_a_long_text_is_tokenized_only_as_far_as_the_samples_need(model, tmp_pat
     whole = tok(long.read_text(), add_special_tokens=False)["input_ids"]
     assert data.input_ids.reshape(-1).tolist() == whole[:256]
     assert seen and seen[0] < len(whole) // 2  # a prefix was enough
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_architectures_with_their_own_attention_or_embedding_buffers_calibrate(kind, model, text_file, tmp_path):
+    """Gemma 2 (soft-capped attention: eager, not SDPA) and Gemma 3 (a scaled embedding's computed buffer)."""
+    src = model(kind)
+    convert(str(src), tmp_path / "out", calibrate=str(text_file), calib_samples=2, calib_seq_len=32, progress=False,
+            log=lambda _: None)
+    scales = {n: t for n, t in load_all(tmp_path / "out").items() if n.endswith(".input_scale")}
+    assert len(scales) >= 14 and len({t.item() for t in scales.values()}) > 3

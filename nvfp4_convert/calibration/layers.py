@@ -35,10 +35,8 @@ def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
                            where=f"{where}/config.json",
                            fix="Calibration needs an architecture transformers ships; convert without --calibrate"
                            ) from exc
-    hf_config._attn_implementation = "sdpa"
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
+        model = _from_config(AutoModelForCausalLM, hf_config, dtype=dtype)
     except Exception as exc:
         raise ConvertError(f"transformers cannot build a causal LM for model type {model_type!r} "
                            f"({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})",
@@ -49,6 +47,18 @@ def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
     _eager_experts(model.config)
     _materialize_buffers(model)
     return model
+
+
+def _from_config(auto, hf_config, *, dtype: torch.dtype):
+    """The model on the meta device, with PyTorch's SDPA attention where the architecture supports it
+    (Gemma 2's soft-capped attention does not: its own eager attention then)."""
+    with torch.device("meta"):
+        try:
+            return auto.from_config(hf_config, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
+        except ValueError as exc:
+            if "attention" not in str(exc):
+                raise
+        return auto.from_config(hf_config, dtype=dtype, trust_remote_code=False, attn_implementation="eager")
 
 
 def _eager_experts(config) -> None:
@@ -65,7 +75,8 @@ def _materialize_buffers(model) -> None:
     """Non-persistent buffers (rotary frequencies, ...) are computed, not loaded: compute them on the CPU.
 
     A module holding such buffers (a rotary embedding) is built again on the CPU from its own class and
-    config, and its buffers are taken from there.
+    config, and its buffers are taken from there; other modules' (a scaled embedding's ``embed_scale``) are
+    set by the model's own weight initialization.
     """
     for module in model.modules():
         meta = [n for n in module._non_persistent_buffers_set if getattr(module, n, None) is not None
@@ -77,6 +88,9 @@ def _materialize_buffers(model) -> None:
             buffer = getattr(fresh, name, None) if fresh is not None else None
             if isinstance(buffer, torch.Tensor) and buffer.shape == module._buffers[name].shape:
                 module._buffers[name] = buffer
+            else:  # not a config-built module (e.g. a scaled embedding): the model's own initialization
+                module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+                model._init_weights(module)
     for name, buf in model.named_non_persistent_buffers():
         if buf.is_meta:
             raise ConvertError(f"cannot compute buffer {name} of {type(model).__name__} off the meta device",
