@@ -15,10 +15,19 @@ Examples::
     python benchmarks/accuracy.py --quantized out/a out/b      # folders converted from --source
     python benchmarks/accuracy.py --convert weight_only=true   # extra keyword arguments for convert()
     python benchmarks/accuracy.py --quantized out/a --activations  # W4A4: inputs quantized with input_scale
+    python benchmarks/accuracy.py --calibrate docs --calib-samples 32 128 512 --calib-seq-len 2048 \
+        --headroom 1 1.5 2                                       # the calibration table (W4A16 and W4A4)
 
 With ``--activations`` every quantized Linear's input is also quantized as NVFP4 serving engines do it (BF16
 input, blocks of 16, E4M3 block scales under the checkpoint's ``input_scale`` as global scale), so the KL
 covers weights and activations (W4A4); without it only the weights are quantized (W4A16 error).
+
+With ``--calibrate DATA`` the table compares RTN (``input_scale = 1.0``) with ``--calibrate DATA --scales
+mse-weighted`` conversions for each ``--calib-samples`` count, at W4A16 and at W4A4, and at W4A4 also each
+``--headroom`` factor (the stored ``input_scale`` values multiplied by it, which is what ``--calib-headroom``
+writes, up to one float32 rounding). ``DATA`` ``docs`` writes a calibration text of Python's own
+documentation (the language reference topics and the docstrings of the standard library, torch and
+transformers, in file order) so that nothing of the evaluation texts is calibrated on.
 """
 
 from __future__ import annotations
@@ -59,6 +68,46 @@ def prepare_source(path: Path = DEFAULT_SOURCE) -> Path:
     model.save_pretrained(tmp, max_shard_size="100MB")
     tokenizer.save_pretrained(tmp)
     tmp.rename(path)
+    return path
+
+
+def docs_text(path: Path, *, chars: int = 8_000_000) -> Path:
+    """A calibration text of Python's documentation at ``path`` (written once): at most ``chars`` characters."""
+    if path.exists():
+        return path
+    import ast
+    import os
+    import pydoc_data.topics
+    import sysconfig
+
+    parts = [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    roots = [Path(sysconfig.get_paths()["stdlib"])]
+    for name in ("torch", "transformers"):
+        spec = importlib.util.find_spec(name)
+        if spec and spec.submodule_search_locations:
+            roots.append(Path(spec.submodule_search_locations[0]))
+    skip = {"test", "tests", "site-packages", "__pycache__", "idlelib", "lib2to3", "turtledemo", "testing"}
+    total = sum(map(len, parts))
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in skip)
+            for f in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    tree = ast.parse(Path(folder, f).read_text(encoding="utf-8"))
+                except (SyntaxError, UnicodeDecodeError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) > 200:
+                            parts.append(doc)
+                            total += len(doc)
+                if total >= chars:
+                    break
+            if total >= chars:
+                break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(parts)[:chars], encoding="utf-8")
     return path
 
 
@@ -134,13 +183,15 @@ def _nll(log_probs: list[torch.Tensor], seqs: list[torch.Tensor]) -> float:
     return total / sum(len(ids) - 1 for ids in seqs)
 
 
-def evaluate(source: Path, quantized: dict[str, Path], *, activations: bool = False) -> dict:
+def evaluate(source: Path, quantized: dict[str, Path], *, activations: bool | dict[str, bool] = False,
+             headroom: dict[str, float] | None = None) -> dict:
     """KL(BF16 || each quantized checkpoint) and perplexities on the fixed texts.
 
     Args:
         source: the BF16 checkpoint the quantized folders were converted from.
         quantized: ``{label: folder}``.
-        activations: also quantize Linear inputs with each checkpoint's ``input_scale`` (W4A4).
+        activations: also quantize Linear inputs with each checkpoint's ``input_scale`` (W4A4); or per label.
+        headroom: per label, a factor on the stored ``input_scale`` values (W4A4 only; None: every one 1.0).
 
     Returns:
         ``{"tokens": n, "bf16_ppl": x, "results": {label: {"kl": mean KL per token, "ppl": x}}}``.
@@ -158,7 +209,11 @@ def evaluate(source: Path, quantized: dict[str, Path], *, activations: bool = Fa
         if missing:
             raise SystemExit(f"{folder} is not a conversion of {source}: {sorted(missing)[:3]}")
         model.load_state_dict({**original, **weights})
-        hooks = _quantize_inputs(model, input_scales(folder)) if activations else []
+        w4a4 = activations.get(label, False) if isinstance(activations, dict) else activations
+        factor = (headroom or {}).get(label, 1.0)
+        scales = {m: torch.ones(()) if factor is None else s * factor for m, s in input_scales(folder).items()
+                  } if w4a4 else {}
+        hooks = _quantize_inputs(model, scales)
         got = _log_probs(model, seqs)
         for h in hooks:
             h.remove()
@@ -200,7 +255,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the report here")
     parser.add_argument("--activations", action="store_true",
                         help="also quantize Linear inputs with the checkpoints' input_scale (W4A4)")
+    parser.add_argument("--calibrate", default=None, metavar="DATA",
+                        help="calibration table: RTN against calibrated mse-weighted conversions (DATA 'docs': "
+                             "Python's documentation)")
+    parser.add_argument("--calib-samples", nargs="*", type=int, default=[32, 128, 512])
+    parser.add_argument("--calib-seq-len", type=int, default=2048)
+    parser.add_argument("--headroom", nargs="*", type=float, default=[1.0], help="W4A4 input_scale factors")
     args = parser.parse_args(argv)
+    if args.calibrate:
+        return calibration_table(args)
 
     from nvfp4_convert import convert
 
@@ -225,6 +288,42 @@ def main(argv: list[str] | None = None) -> None:
         print("conversion seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+
+
+def calibration_table(args) -> None:
+    """RTN against calibrated conversions at W4A16 and W4A4 (see the module docstring)."""
+    from nvfp4_convert import convert
+
+    source = prepare_source(args.source)
+    data = str(docs_text(DEFAULT_SOURCE.parent / "calib-docs.txt") if args.calibrate == "docs" else args.calibrate)
+    timings, folders = {}, {}
+    with tempfile.TemporaryDirectory(prefix="nvfp4-eval-") as tmp:
+        for n in [0, *args.calib_samples]:
+            label, out = ("rtn", Path(tmp) / "rtn") if not n else (f"calib-{n}", Path(tmp) / f"calib-{n}")
+            extra = {} if not n else {"scales": "mse-weighted", "calibrate": data, "calib_samples": n,
+                                      "calib_seq_len": args.calib_seq_len}
+            start = time.perf_counter()
+            convert(str(source), out, progress=False, backend=args.backend, log=lambda _: None, **extra)
+            timings[label] = time.perf_counter() - start
+            folders[label] = out
+            print(f"converted {label} in {timings[label]:.1f} s", flush=True)
+        w4a16 = evaluate(source, folders)
+        w4a4_folders = {"rtn, input_scale 1.0": folders["rtn"]}
+        factors: dict[str, float | None] = {}
+        for label in list(folders)[1:]:
+            w4a4_folders[f"{label}, input_scale 1.0"] = folders[label]
+            factors[f"{label}, input_scale 1.0"] = None
+            for h in args.headroom:
+                key = f"{label}, calibrated x{h:g}"
+                w4a4_folders[key], factors[key] = folders[label], h
+        w4a4 = evaluate(source, w4a4_folders, activations=True, headroom=factors)
+    print(f"calibration data {data}; {args.calib_seq_len} tokens per sample; block scales mse-weighted by the "
+          "calibrated E[x^2]")
+    print("W4A16 (weights only)\n" + format_report(w4a16))
+    print("W4A4 (weights and activations)\n" + format_report(w4a4))
+    print("conversion seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if args.json:
+        args.json.write_text(json.dumps({"w4a16": w4a16, "w4a4": w4a4, "convert_seconds": timings}, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ usage, printed as one ``error:`` line; 130 interrupted. Every command's errors g
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -43,8 +45,8 @@ class _Group(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt:
-            resume = "; run the same command again to resume" if ctx.invoked_subcommand in RESUMABLE else ""
-            typer.echo(f"interrupted{resume}", err=True)
+            typer.echo(_interrupted_line(ctx.invoked_subcommand), err=True)
+            _INTERRUPTS.reported = True
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:
             if ctx.meta.get("debug"):
@@ -58,6 +60,36 @@ class _Group(TyperGroup):
                 raise typer.Exit(getattr(exc, "exit_code", EXIT_BAD_INPUT)) from None
             typer.echo(f"error: {type(exc).__name__}: {exc} (re-run with --debug for the traceback)", err=True)
             raise typer.Exit(EXIT_VIOLATIONS) from None
+
+
+def _interrupted_line(command: str | None) -> str:
+    return "interrupted" + ("; run the same command again to resume" if command in RESUMABLE else "")
+
+
+class _Interrupts:
+    """Ctrl-C while ``main()`` runs a command: the first one unwinds it (cleanup runs, the boundary prints the
+    one line); any later one, during that cleanup or the interpreter's exit (joining worker threads), ends
+    the process at once with the same line, printed once, and exit 130. Writes are atomic and the resume
+    record checks what it keeps, so the output stays resumable either way."""
+
+    def __init__(self) -> None:
+        self.count, self.line, self.reported = 0, "interrupted", False
+
+    def install(self, line: str) -> None:
+        self.line = line
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where the caller ignores it
+            signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
+        if not self.reported:
+            os.write(2, f"{self.line}\n".encode())
+        os._exit(EXIT_INTERRUPTED)
+
+
+_INTERRUPTS = _Interrupts()
 
 
 app = typer.Typer(
@@ -156,6 +188,9 @@ def convert(
         metavar="NAME", help="With --calibrate: text column of .jsonl/.parquet/Hub data (default: text).")] = None,
     calib_split: Annotated[str | None, typer.Option(
         metavar="NAME", help="With --calibrate: Hub dataset split (default: train).")] = None,
+    calib_headroom: Annotated[float, typer.Option(
+        metavar="F", help="With --calibrate: multiply each calibrated max|x| by F before input_scale = "
+                          "max / (6 * 448) (1.0 is ModelOpt's value).")] = 1.0,
     push_to_hub: Annotated[str | None, typer.Option(
         metavar="REPO", help="After converting, verify OUT and upload it to this Hub repo.")] = None,
     private: PrivateOpt = False,
@@ -173,7 +208,8 @@ def convert(
         backend=backend, exact=exact, threads=threads, scales=scales, dry_run=dry_run, overwrite=overwrite,
         progress=progress,
         calibrate=calibrate, calib_samples=calib_samples, calib_seq_len=calib_seq_len, calib_column=calib_column,
-        calib_split=calib_split, command=_command_line(), log=lambda line: typer.echo(line, err=True),
+        calib_split=calib_split, calib_headroom=calib_headroom, command=_command_line(),
+        log=lambda line: typer.echo(line, err=True),
     )
     typer.echo(report.format_plan() if dry_run else report.format_summary())
     if push_to_hub and dry_run:
@@ -232,6 +268,10 @@ def verify_command(
 
             doc = json.loads(json_path.read_text())
             json_path.write_text(json.dumps({**doc, "activations": seen.to_dict()}, indent=2))
+        if plots:
+            from .verify.plots import save_activation_plots
+
+            report.written.extend(save_activation_plots(seen, plots))
     for violation in report.violations:
         typer.echo(f"violation: {violation.line()}")
     typer.echo(report.format_summary())
@@ -320,7 +360,11 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] not in COMMANDS and args[0] not in ("--help", "--version"):
         args.insert(0, "convert")  # also when an option comes first: `nvfp4-convert --dry-run SRC OUT`
-    app(args=args, prog_name="nvfp4-convert")
+    _INTERRUPTS.install(_interrupted_line(args[0] if args else None))
+    try:
+        app(args=args, prog_name="nvfp4-convert")
+    finally:
+        _INTERRUPTS.count += 1  # the command is over: a Ctrl-C during the exit only ends it sooner
 
 
 if __name__ == "__main__":

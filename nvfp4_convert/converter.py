@@ -3,6 +3,7 @@ output shards, resumably."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, calibration, pipeline
+from .config_fields import read_model_config
 from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
 from .importance import ChannelWeights, DataFreeProxy, FixedChannelWeights
@@ -47,7 +49,8 @@ def activation_policy(weight_only: bool, calibration: dict | None = None) -> str
     if weight_only:
         return "weight-only (W4A16_NVFP4): no input_scale; activations stay 16-bit"
     if calibration:
-        return (f"W4A4 (NVFP4), calibrated: input_scale = max|x| / (6 * 448) per fused group, from "
+        amax = f"{calibration['headroom']:g} * max|x|" if calibration.get("headroom", 1.0) != 1.0 else "max|x|"
+        return (f"W4A4 (NVFP4), calibrated: input_scale = {amax} / (6 * 448) per fused group, from "
                 f"{calibration['samples']} x {calibration['seq_len']} tokens of {calibration['dataset']}")
     return "W4A4 (NVFP4), data-free: input_scale = 1.0 for every quantized Linear (no calibration)"
 
@@ -78,6 +81,7 @@ def convert(
     calib_seq_len: int = calibration.SEQ_LEN,
     calib_column: str | None = None,
     calib_split: str | None = None,
+    calib_headroom: float = 1.0,
     command: str | None = None,
     log: Callable[[str], None] = print,
 ) -> Report:
@@ -111,6 +115,8 @@ def convert(
             from activation statistics collected one decoder layer at a time (default: data-free).
         calib_samples, calib_seq_len: how many samples of how many tokens to calibrate on.
         calib_column, calib_split: the text column (default ``text``) and Hub split (default ``train``).
+        calib_headroom: factor on each calibrated max|x| before ``input_scale = max / (6 * 448)``; 1.0 (the
+            default) is ModelOpt's value, byte for byte.
         command: the command line that asked for this (recorded for the model card; must hold no token).
         log: where human-readable lines go.
 
@@ -127,6 +133,9 @@ def convert(
     if scales not in SCALE_MODES:
         raise ConvertError(f"unknown block-scale mode {scales!r}", where="--scales",
                            fix=f"Use one of: {', '.join(SCALE_MODES)}")
+    if not (isinstance(calib_headroom, int | float) and math.isfinite(calib_headroom) and 0 < calib_headroom <= 64):
+        raise ConvertError(f"--calib-headroom must be a number above 0 and at most 64, not {calib_headroom!r}",
+                           where="--calib-headroom", fix="Use 1.0 (ModelOpt's value) or e.g. 1.5")
     source = open_source(src, revision=revision, token=token, endpoint=endpoint, work_dir=work_dir,
                          keep_source=keep_source)
     output = None
@@ -148,7 +157,7 @@ def convert(
         if calibrate:
             data = _calibration_data(source, calibrate, samples=calib_samples, seq_len=calib_seq_len,
                                      column=calib_column, split=calib_split, endpoint=endpoint, token=token)
-            report.calibration = calibration_info(data)
+            report.calibration = calibration_info(data, headroom=calib_headroom)
             if scales == "mse-weighted" and channel_weights is None:
                 report.calibration["block_scales"] = "least error weighted by each input channel's calibrated E[x^2]"
             report.activation_policy = activation_policy(weight_only, report.calibration)
@@ -162,13 +171,13 @@ def convert(
         if scales == "mse-weighted" and channel_weights is None and data is None:
             channel_weights = DataFreeProxy(config, set(plan.tensors))  # with --calibrate: the measured E[x^2]
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size, scales=scales,
-                                   calibration=data.fingerprint() if data is not None else None)
+                                   calibration=_calibration_key(data, calib_headroom))
         copied = _copied_files(source)
         files = [*(s.filename for s in plan.shards), *copied, *sorted(_REWRITTEN)]
         output = OutputDir(Path(out), fingerprint=fingerprint, files=files, sources=_shard_sources(source, plan),
                            overwrite=overwrite, log=log)
         _write_shards(source, plan, output, chosen, report, progress=progress, config=config, data=data, log=log,
-                      scales=scales, channel_weights=channel_weights)
+                      scales=scales, channel_weights=channel_weights, headroom=calib_headroom)
         for name in copied:
             copy_atomic(source.fetch_file(name), output.path / name)
         _write_final_files(config, plan, output.path)
@@ -205,13 +214,7 @@ def conversion_info(report: Report, *, source_revision: str | None, command: str
 
 
 def _read_config(source: Source) -> dict:
-    if "config.json" not in source.files:
-        raise ConvertError("config.json is missing", where=source.description,
-                           fix="Point at a Hugging Face checkpoint (folder or repo) that has config.json")
-    config = source.read_json("config.json")
-    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise ConvertError("config.json has no model_type", where=f"{source.description}/config.json",
-                           fix="Fix config.json (it must be a transformers model config)")
+    config = read_model_config(source)
     check_not_quantized(config, {}, where=source.description)
     return config
 
@@ -254,7 +257,7 @@ def _fingerprint(source: Source, recipe: Recipe, plan: Plan, backend: Backend, w
 
 def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backend, report: Report, *,
                   progress: bool, config: dict, data=None, log: Callable[[str], None] = print,
-                  scales: str = "rtn", channel_weights: ChannelWeights | None = None) -> None:
+                  scales: str = "rtn", channel_weights: ChannelWeights | None = None, headroom: float = 1.0) -> None:
     todo = []
     for shard in plan.shards:
         if output.finished(shard.filename):
@@ -266,7 +269,7 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
     if data is not None and todo and (weighted or not plan.weight_only):
         stats = _calibration_statistics(source, plan, config, data, output, progress=progress, log=log)
         if not plan.weight_only:
-            input_scales = _calibrated_input_scales(plan, stats, log=log)
+            input_scales = _calibrated_input_scales(plan, stats, headroom=headroom, log=log)
         if weighted:  # activation-aware block scales: the error weighted by each input channel's E[x^2]
             channel_weights = FixedChannelWeights({m: s.second_moment for m, s in stats.items()
                                                    if s.tokens and m in plan.quantized})
@@ -279,16 +282,27 @@ def _calibration_data(source: Source, dataset: str, *, samples: int, seq_len: in
     from .calibration.data import load_calibration_data, load_tokenizer
     from .calibration.layers import build_skeleton
 
-    build_skeleton(source.read_json("config.json"), dtype=torch.bfloat16, where=source.description)  # fail early
+    build_skeleton(read_model_config(source), dtype=torch.bfloat16, where=source.description)  # fail early
     tokenizer = load_tokenizer(source, where=source.description)
     return load_calibration_data(dataset, tokenizer=tokenizer, samples=samples, seq_len=seq_len, column=column,
                                  split=split, endpoint=endpoint, token=token)
 
 
-def calibration_info(data) -> dict:
+def calibration_info(data, *, headroom: float = 1.0) -> dict:
     """What the model card says about calibration."""
-    return {"dataset": data.dataset, "split": data.split, "column": data.column, "samples": data.samples,
+    info = {"dataset": data.dataset, "split": data.split, "column": data.column, "samples": data.samples,
             "seq_len": data.seq_len, "method": calibration.METHOD}
+    if headroom != 1.0:
+        info["headroom"] = headroom
+        info["method"] += f", with max|x| multiplied by {headroom:g} (headroom)"
+    return info
+
+
+def _calibration_key(data, headroom: float) -> str | None:
+    """What of the calibration the output depends on: the token ids' sha256 (and a headroom other than 1)."""
+    if data is None:
+        return None
+    return data.fingerprint() if headroom == 1.0 else f"{data.fingerprint()}:headroom={headroom!r}"
 
 
 def _calibration_statistics(source: Source, plan: Plan, config: dict, data, output: OutputDir, *, progress: bool,
@@ -302,10 +316,11 @@ def _calibration_statistics(source: Source, plan: Plan, config: dict, data, outp
     return stats
 
 
-def _calibrated_input_scales(plan: Plan, stats: dict, *, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
+def _calibrated_input_scales(plan: Plan, stats: dict, *, headroom: float = 1.0,
+                             log: Callable[[str], None]) -> dict[str, torch.Tensor]:
     from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
 
-    amax, unreached = calibrated_amax(plan, stats)
+    amax, unreached = calibrated_amax(plan, stats, headroom=headroom)
     experts = [m for m in unreached if EXPERT_MODULE.match(m)]
     others = [m for m in unreached if not EXPERT_MODULE.match(m)]
     if experts:

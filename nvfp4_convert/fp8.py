@@ -52,11 +52,9 @@ def source_flavour(config: dict, *, where: str) -> Fp8Source | None:
     if method == "fp8":
         if qc.get("fmt", "e4m3") != "e4m3":
             raise ConvertError(f"FP8 format {qc.get('fmt')!r} is not supported (only e4m3)", where=where, fix=_FIX)
-        block = qc.get("weight_block_size")
+        block = qc.get("weight_block_size")  # two positive integers or None (config_fields checks)
         if block is None:
             return Fp8Source("FP8 per-tensor", (".weight_scale_inv", ".weight_scale"), None)
-        if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-            raise ConvertError(f"weight_block_size {block!r} is not two positive integers", where=where, fix=_FIX)
         return Fp8Source(f"block FP8 {block[0]}x{block[1]}", (".weight_scale_inv",), (block[0], block[1]))
     if method == "modelopt" and qc.get("quant_algo") == "FP8":
         return Fp8Source("ModelOpt FP8", (".weight_scale",), None)

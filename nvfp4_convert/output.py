@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .config_fields import INFO_FIELDS, field_errors
 from .errors import ConvertError
 from .safetensors_io import shard_digest, write_error
 
@@ -310,7 +311,8 @@ def read_conversion_info(path: Path) -> dict | None:
         state = json.loads((Path(path) / STATE_DIR / "state.json").read_text())
     except (OSError, ValueError):
         return None
-    return state.get("info") if isinstance(state, dict) and state.get("complete") else None
+    info = state.get("info") if isinstance(state, dict) and state.get("complete") else None
+    return info if isinstance(info, dict) and not field_errors(info, INFO_FIELDS) else None
 
 
 def conversion_files(path: Path) -> list[str]:

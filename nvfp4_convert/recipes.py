@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import re
+import string
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,11 +121,7 @@ def _resolve(path: Path, config: dict, seen: tuple[str, ...] = ()) -> Recipe:
         values = raw.get(key, [])
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise ConvertError(f"recipe key {key!r} must be a list of strings", where=where, fix="Fix the recipe")
-        try:
-            return tuple(v.format(**config) for v in values)
-        except (KeyError, IndexError, ValueError) as exc:
-            raise ConvertError(f"recipe pattern needs config value {exc}", where=where,
-                               fix="Use only {keys} present in config.json") from None
+        return tuple(_fill(v, config, where=where) for v in values)
 
     fuse = []
     for rule in raw.get("fuse", []):
@@ -141,6 +139,23 @@ def _resolve(path: Path, config: dict, seen: tuple[str, ...] = ()) -> Recipe:
         source=where,
         conv1d=(base.conv1d if base else ()) + patterns("conv1d"),
     )
+
+
+def _fill(pattern: str, config: dict, *, where: str) -> str:
+    """``pattern`` with each ``{key}`` replaced by config.json's value, which must be an integer or a string."""
+    try:
+        keys = [key for _, key, _, _ in string.Formatter().parse(pattern) if key is not None]
+    except ValueError as exc:
+        raise ConvertError(f"recipe pattern {pattern!r} is malformed ({exc})", where=where,
+                           fix="Write placeholders as {key}, literal braces as {{ and }}") from None
+    for key in keys:
+        value = config.get(key) if key.isidentifier() else None
+        if key not in config or not (isinstance(value, str) or type(value) is int):
+            found = "missing from config.json" if key not in config else f"{json.dumps(value)[:40]} in config.json"
+            raise ConvertError(f"recipe pattern {pattern!r} needs config value {key!r}, an integer or string "
+                               f"({found})", where=where, fix="Use only {keys} config.json holds as integers or "
+                               "strings, or fix config.json")
+    return pattern.format(**{key: config[key] for key in keys})
 
 
 def load_recipe(*, config: dict, recipe_file: Path | None = None, extra_excludes: list[str] | None = None) -> Recipe:

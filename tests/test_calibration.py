@@ -14,7 +14,7 @@ from nvfp4_convert.calibration.data import load_calibration_data, load_tokenizer
 from nvfp4_convert.errors import ConvertError
 from nvfp4_convert.kernels.common import global_scale
 from nvfp4_convert.sources import open_source
-from tiny_models import add_byte_tokenizer
+from tiny_models import add_byte_tokenizer, expected_source, make_fp8
 
 pytest.importorskip("transformers")
 
@@ -200,9 +200,20 @@ def test_hub_dataset_streamed(model, fake_hub, tmp_path):
         _ids(src, "org/calib", samples=2, seq_len=64, endpoint=fake_hub.url, split="validation")
 
 
-@pytest.mark.parametrize("case", ["empty", "column", "short", "unreachable", "missing", "remote_code", "no_tokenizer"])
+BAD_INPUT = {  # case: what the one error line must name
+    "empty": "holds no text", "column": "no column 'text'", "short": "fewer than 100 samples x 48 tokens",
+    "unknown_dataset": "org/no-such-dataset", "unreachable": "cannot reach the dataset",
+    "missing": "no such calibration file",
+    "remote_code": "my_custom_llm", "no_tokenizer": "no tokenizer files", "headroom": "--calib-headroom",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_calibration_input_is_one_line_and_writes_nothing(case, model, tiny, text_file, tmp_path, fake_hub):
-    from nvfp4_convert.cli import main
+    from typer.testing import CliRunner
+
+    from checks import assert_one_line_error
+    from nvfp4_convert.cli import app
 
     src = model("llama")
     data, extra = str(text_file), []
@@ -214,9 +225,12 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(case, model, tiny,
         data = str(tmp_path / "rows.jsonl")
     elif case == "short":
         extra = ["--calib-samples", "100"]
-    elif case == "unreachable":
+    elif case == "unknown_dataset":
         data = "org/no-such-dataset"
         extra = ["--endpoint", fake_hub.url]
+    elif case == "unreachable":  # nothing listens there
+        data = "org/calib"
+        extra = ["--endpoint", "http://127.0.0.1:9"]
     elif case == "missing":
         data = str(tmp_path / "nope.txt")
     elif case == "remote_code":
@@ -225,11 +239,12 @@ def test_bad_calibration_input_is_one_line_and_writes_nothing(case, model, tiny,
         (src / "config.json").write_text(json.dumps(config))
     elif case == "no_tokenizer":
         src = tiny("llama")
+    elif case == "headroom":
+        extra = ["--calib-headroom", "0"]
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(src), str(out), "--calibrate", data, "--calib-samples", "4", "--calib-seq-len", "48",
-              "--no-progress", *extra])
-    assert exit_info.value.code == 2
+    result = CliRunner().invoke(app, ["convert", str(src), str(out), "--calibrate", data, "--calib-samples", "4",
+                                      "--calib-seq-len", "48", "--no-progress", *extra])
+    assert_one_line_error(result, BAD_INPUT[case])
     assert not out.exists()
 
 
@@ -270,10 +285,13 @@ def test_verify_activations_matches_a_full_model_forward(model, text_file, tmp_p
     convert(str(src), out, calibrate=str(text_file), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN, progress=False)
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", str(out), "--source", str(src), "--activations", str(text_file), "--calib-samples",
-              str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-progress", "--json", str(tmp_path / "v.json")])
+              str(SAMPLES), "--calib-seq-len", str(SEQ_LEN), "--no-progress", "--json", str(tmp_path / "v.json"),
+              "--plots", str(tmp_path / "plots")])
     assert exit_info.value.code in (0, None)
     printed = capsys.readouterr().out
     assert "W4A4 stored input_scale" in printed and "model.layers.1" in printed
+    plot = tmp_path / "plots" / "activation_error_per_layer.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {plot}" in printed
     got = json.loads((tmp_path / "v.json").read_text())["activations"]["modules"]
 
     name = "model.layers.1.mlp.down_proj"
@@ -309,3 +327,76 @@ def test_calibrated_weighted_block_scales(model, text_file, tmp_path):
     assert raw_bytes(cal[f"{name}.weight_scale"]) == raw_bytes(scales)
     assert raw_bytes(cal[f"{name}.weight"]) == raw_bytes(packed)
     assert raw_bytes(cal[f"{name}.weight_scale"]) != raw_bytes(proxy[f"{name}.weight_scale"])
+
+
+def test_block_fp8_source_calibrates_as_its_dequantized_bf16(model, text_file, tmp_path):
+    """A block-FP8 source calibrates on the weights the converter quantizes: byte-equal to its BF16 equivalent."""
+    src = model("qwen3_moe")
+
+    def in_layers(name):
+        return name.startswith("model.layers.") and ".mlp.gate." not in name
+
+    fp8 = add_byte_tokenizer(make_fp8(src, tmp_path / "fp8", block=(16, 32), is_fp8=in_layers))
+    bf16 = add_byte_tokenizer(expected_source(fp8, tmp_path / "bf16", (16, 32)))
+    options = dict(calibrate=str(text_file), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN, scales="mse-weighted",
+                   progress=False, log=lambda _: None)
+    report = convert(str(fp8), tmp_path / "out-fp8", **options)
+    convert(str(bf16), tmp_path / "out-bf16", **options)
+    assert report.plan.fp8_flavour.startswith("block FP8")
+    got, want = load_all(tmp_path / "out-fp8"), load_all(tmp_path / "out-bf16")
+    assert got.keys() == want.keys()
+    scales = [n for n in got if n.endswith(".input_scale")]
+    assert len(scales) > 10 and len({got[n].item() for n in scales}) > 3  # calibrated, not the 1.0 constant
+    for name in got:  # input_scales and the E[x^2]-weighted block scales alike
+        assert raw_bytes(got[name]) == raw_bytes(want[name]), name
+
+
+def test_headroom_multiplies_the_calibrated_amax(model, text_file, tmp_path):
+    from nvfp4_convert.output import read_conversion_info
+
+    src = model("llama")
+    options = dict(calibrate=str(text_file), calib_samples=2, calib_seq_len=32, progress=False, log=lambda _: None)
+    convert(str(src), tmp_path / "plain", **options)
+    convert(str(src), tmp_path / "room", calib_headroom=1.5, **options)
+    plain, room = load_all(tmp_path / "plain"), load_all(tmp_path / "room")
+    scales = [n for n in plain if n.endswith(".input_scale")]
+    for name in scales:
+        amax = (plain[name].double() * 2688).float()  # the calibrated amax, to within float32 rounding
+        assert torch.allclose(room[name], global_scale(amax * 1.5).reshape(()), rtol=1e-6), name
+    for name in plain.keys() - set(scales):
+        assert raw_bytes(plain[name]) == raw_bytes(room[name]), name  # weights do not depend on headroom
+    info = read_conversion_info(tmp_path / "room")
+    assert info["calibration"]["headroom"] == 1.5 and "1.5 * max|x|" in info["activation_policy"]
+    assert "headroom" not in read_conversion_info(tmp_path / "plain")["calibration"]
+
+
+def test_a_long_text_is_tokenized_only_as_far_as_the_samples_need(model, tmp_path, monkeypatch):
+    from nvfp4_convert.calibration import data as calibration_data
+
+    src = model("llama")
+    tok = load_tokenizer(open_source(str(src)), where="src")
+    long = tmp_path / "long.txt"
+    long.write_text("\n".join(f"line {i}: {TEXT[i % 50: i % 50 + 60]}" for i in range(4000)))  # ~300k chars
+    seen = []
+    original = calibration_data._tokens
+
+    def counting(text, tokenizer, needed):
+        ids = original(text, tokenizer, needed)
+        seen.append(len(ids))
+        return ids
+
+    monkeypatch.setattr(calibration_data, "_tokens", counting)
+    data = _ids(src, long, samples=4, seq_len=64)
+    whole = tok(long.read_text(), add_special_tokens=False)["input_ids"]
+    assert data.input_ids.reshape(-1).tolist() == whole[:256]
+    assert seen and seen[0] < len(whole) // 2  # a prefix was enough
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
+def test_architectures_with_their_own_attention_or_embedding_buffers_calibrate(kind, model, text_file, tmp_path):
+    """Gemma 2 (soft-capped attention: eager, not SDPA) and Gemma 3 (a scaled embedding's computed buffer)."""
+    src = model(kind)
+    convert(str(src), tmp_path / "out", calibrate=str(text_file), calib_samples=2, calib_seq_len=32, progress=False,
+            log=lambda _: None)
+    scales = {n: t for n, t in load_all(tmp_path / "out").items() if n.endswith(".input_scale")}
+    assert len(scales) >= 14 and len({t.item() for t in scales.values()}) > 3

@@ -248,3 +248,31 @@ def add_byte_tokenizer(path: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=sorted(alphabet)[10], model_max_length=128)
     fast.save_pretrained(path)
     return path
+
+
+def dequantize_by_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Independent reference: each block's E4M3 values times its scale in float32, then BF16."""
+    bn, bk = block
+    out = torch.empty(weight.shape, dtype=torch.bfloat16)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            part = weight[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].to(torch.float32)
+            out[i * bn : (i + 1) * bn, j * bk : (j + 1) * bk] = (part * scale[i, j]).to(torch.bfloat16)
+    return out
+
+
+def expected_source(fp8_src, dst, block):
+    """The BF16 checkpoint the FP8 one stands for: every FP8 weight dequantized, scales gone."""
+    from checks import load_all
+
+    tensors = load_all(fp8_src)
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        fp8 = t.dtype == torch.float8_e4m3fn
+        out[name] = dequantize_by_blocks(t, tensors[f"{name}_scale_inv"], block) if fp8 else t
+    config = json.loads((fp8_src / "config.json").read_text())
+    del config["quantization_config"]
+    _save_sharded(dst, out, config, 10**9)
+    return dst

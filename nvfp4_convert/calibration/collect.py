@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 from tqdm.auto import tqdm
 
 from ..errors import ConvertError
+from ..fp8 import DROPPED_SUFFIXES, check_scale_values, dequantize
 from ..output import write_bytes_atomic
 from ..plan import Plan
 from ..safetensors_io import TORCH_DTYPES, map_tensor
@@ -179,10 +180,12 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
         last_checkpoint = time.monotonic()
         for i in range(start, count):
             layer = layer_list[i]
-            L.load_into(model, shards.tensors(by_layer[i]), dtype=dtype, device=dev)
+            weights = shards.tensors(by_layer[i])
+            L.load_into(model, weights, dtype=dtype, device=dev)
             L.to_device(layer, dev)
             wanted = {m for m in (plan.quantized if modules is None else modules) if m.startswith(f"{prefix}.{i}.")}
-            watching = observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer), wanted, i)
+            watching = observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer, list(weights)), wanted, i)
+            del weights
             with torch.no_grad(), watching:
                 for b in batches:
                     out = layer(hidden[b], **kwargs_by_size[b.stop - b.start][i])
@@ -190,6 +193,9 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
             L.free(layer)
             shards.release_unneeded(by_layer[i + 1] if i + 1 < count else [])
             _check_finite(watching.stats)
+            for st in watching.stats.values():  # statistics are small: kept on the CPU, whatever the device
+                if isinstance(st, LinearStats):
+                    st.amax, st.sumsq = st.amax.cpu(), st.sumsq.cpu()
             done[i] = watching.stats
             if store:
                 store.save_layer(i, watching.stats)
@@ -208,7 +214,8 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
 def _model_dtype(plan: Plan) -> torch.dtype:
     counts: dict[str, int] = {}
     for t in plan.quantized.values():
-        counts[t.info.dtype] = counts.get(t.info.dtype, 0) + 1
+        dtype = plan.compute_dtype(t.name)  # FP8 weights: BF16, as they are dequantized
+        counts[dtype] = counts.get(dtype, 0) + 1
     return TORCH_DTYPES[max(counts, key=counts.get)] if counts else torch.bfloat16
 
 
@@ -244,14 +251,28 @@ class _Shards:
     def __init__(self, source, plan: Plan):
         self.source, self.plan = source, plan
         self.held: dict[str, Path] = {}
+        self.fp8_scales = {w.scale for w in plan.fp8.values()}
+
+    def _map(self, name: str) -> torch.Tensor:
+        shard = self.plan.tensors[name].shard
+        if shard not in self.held:
+            self.held[shard] = self.source.acquire(shard)
+        return map_tensor(self.held[shard], self.plan.headers[shard], name)
 
     def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named source tensors as the model holds them: FP8 weights dequantized as the converter does
+        (their scales and the source's activation scales are not model tensors)."""
         out = {}
         for name in names:
-            shard = self.plan.tensors[name].shard
-            if shard not in self.held:
-                self.held[shard] = self.source.acquire(shard)
-            out[name] = map_tensor(self.held[shard], self.plan.headers[shard], name)
+            if name in self.fp8_scales or name.endswith(DROPPED_SUFFIXES) and self.plan.fp8_flavour:
+                continue
+            tensor = self._map(name)
+            if name in self.plan.fp8:
+                spec = self.plan.fp8[name]
+                scale = self._map(spec.scale)
+                check_scale_values(scale, spec.scale, where=self.plan.tensors[spec.scale].shard)
+                tensor = dequantize(tensor, scale, spec.block)
+            out[name] = tensor
         return out
 
     def release_unneeded(self, upcoming: list[str]) -> None:

@@ -113,10 +113,25 @@ def _token_stream(texts: Iterator[str], tokenizer, needed: int, *, where: str) -
             continue
         if ids:
             ids.extend(separator)
-        ids.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(_tokens(text, tokenizer, needed - len(ids)))
         if len(ids) >= needed:
             break
     return ids
+
+
+def _tokens(text: str, tokenizer, needed: int) -> list[int]:
+    """The token ids of ``text``, or at least their first ``needed``: a long text is tokenized by growing
+    prefixes cut at a line break (tokens never span one), so a large file costs what the samples need."""
+    chars = max(needed * 8, 1 << 16)
+    while chars < len(text):
+        cut = text.rfind("\n", 0, chars)
+        if cut <= 0:
+            break
+        ids = tokenizer(text[:cut], add_special_tokens=False, verbose=False)["input_ids"]
+        if len(ids) > needed + 64:  # well past the cut's neighbourhood: the first ``needed`` are final
+            return ids
+        chars *= 2
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _file_texts(path: Path, column: str) -> Iterator[str]:
@@ -190,7 +205,7 @@ def _hub_texts(repo_id: str, *, column: str, split: str, endpoint: str | None, t
         HFValidationError,
         RepositoryNotFoundError,
     )
-    from huggingface_hub.utils import validate_repo_id
+    from huggingface_hub.utils import httpx, validate_repo_id
 
     where = f"dataset {repo_id}"
     try:
@@ -204,7 +219,7 @@ def _hub_texts(repo_id: str, *, column: str, split: str, endpoint: str | None, t
     except RepositoryNotFoundError:
         raise ConvertError("the dataset does not exist or is not accessible", where=where,
                            fix="Check the id; for a gated or private dataset pass --token or set HF_TOKEN") from None
-    except (HfHubHTTPError, OSError) as exc:
+    except (HfHubHTTPError, OSError, httpx.TransportError) as exc:
         raise ConvertError(f"cannot reach the dataset ({type(exc).__name__})", where=where,
                            fix="Check the network (or use a local .txt/.jsonl/.parquet file)") from None
     files = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(TEXT_SUFFIXES))
@@ -221,7 +236,7 @@ def _hub_texts(repo_id: str, *, column: str, split: str, endpoint: str | None, t
                 try:
                     local = Path(api.hf_hub_download(repo_id, filename, repo_type="dataset", revision=info.sha,
                                                      local_dir=scratch))
-                except (HfHubHTTPError, OSError) as exc:
+                except (HfHubHTTPError, OSError, httpx.TransportError) as exc:
                     raise ConvertError(f"cannot download {filename} ({type(exc).__name__})", where=where,
                                        fix="Check the network and re-run") from None
                 try:

@@ -1,8 +1,11 @@
 """The model as transformers defines it, built on the meta device and materialized one decoder layer at a time.
 
-The architecture comes from ``config.json`` through transformers' own classes (never remote code); weights
-are loaded with transformers' own loader (including its checkpoint-to-module conversions, such as stacking
-per-expert Linears into fused 3-D expert tensors), so each layer computes exactly what the full model would.
+The architecture comes from ``config.json`` through transformers' own classes (never remote code), built with
+its public ``from_config`` on the meta device; the model's own rotary-embedding classes compute their buffers.
+Weights whose checkpoint names are the module's own (every dense architecture) are loaded with PyTorch's
+``load_state_dict(assign=True)``; only where transformers rearranges checkpoint tensors at load time (fused
+3-D MoE experts) is its own weight-conversion loader used, so each layer computes exactly what the full model
+would.
 """
 
 from __future__ import annotations
@@ -23,27 +26,39 @@ def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
 
     transformers.utils.logging.disable_progress_bar()
     model_type = config.get("model_type")
+    config = {k: v for k, v in config.items() if k != "quantization_config"}  # FP8 weights arrive dequantized
     try:
         hf_config = AutoConfig.for_model(**config)
-    except (ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # transformers parsing a config it was not written for fails in many ways
         custom = " (it is defined by custom code in the repo, which is never run)" if "auto_map" in config else ""
         raise ConvertError(f"transformers {transformers.__version__} cannot build model type {model_type!r}{custom}",
                            where=f"{where}/config.json",
                            fix="Calibration needs an architecture transformers ships; convert without --calibrate"
                            ) from exc
-    hf_config._attn_implementation = "sdpa"
     try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, trust_remote_code=False)
-    except (ValueError, KeyError, TypeError, ImportError) as exc:
+        model = _from_config(AutoModelForCausalLM, hf_config, dtype=dtype)
+    except Exception as exc:
         raise ConvertError(f"transformers cannot build a causal LM for model type {model_type!r} "
-                           f"({str(exc).splitlines()[0][:160]})", where=f"{where}/config.json",
+                           f"({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})",
+                           where=f"{where}/config.json",
                            fix="Calibration needs a decoder-only architecture transformers ships") from None
     model.eval()
     model.requires_grad_(False)
     _eager_experts(model.config)
     _materialize_buffers(model)
     return model
+
+
+def _from_config(auto, hf_config, *, dtype: torch.dtype):
+    """The model on the meta device, with PyTorch's SDPA attention where the architecture supports it
+    (Gemma 2's soft-capped attention does not: its own eager attention then)."""
+    with torch.device("meta"):
+        try:
+            return auto.from_config(hf_config, dtype=dtype, trust_remote_code=False, attn_implementation="sdpa")
+        except ValueError as exc:
+            if "attention" not in str(exc):
+                raise
+        return auto.from_config(hf_config, dtype=dtype, trust_remote_code=False, attn_implementation="eager")
 
 
 def _eager_experts(config) -> None:
@@ -57,19 +72,39 @@ def _eager_experts(config) -> None:
 
 
 def _materialize_buffers(model) -> None:
-    """Non-persistent buffers (rotary frequencies, ...) are computed, not loaded: compute them on the CPU."""
+    """Non-persistent buffers (rotary frequencies, ...) are computed, not loaded: compute them on the CPU.
+
+    A module holding such buffers (a rotary embedding) is built again on the CPU from its own class and
+    config, and its buffers are taken from there; other modules' (a scaled embedding's ``embed_scale``) are
+    set by the model's own weight initialization.
+    """
     for module in model.modules():
         meta = [n for n in module._non_persistent_buffers_set if getattr(module, n, None) is not None
                 and module._buffers[n].is_meta]
         if not meta:
             continue
+        fresh = _rebuilt_on_cpu(module, model.config)
         for name in meta:
-            module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
-        model._init_weights(module)
+            buffer = getattr(fresh, name, None) if fresh is not None else None
+            if isinstance(buffer, torch.Tensor) and buffer.shape == module._buffers[name].shape:
+                module._buffers[name] = buffer
+            else:  # not a config-built module (e.g. a scaled embedding): the model's own initialization
+                module._buffers[name] = torch.empty_like(module._buffers[name], device="cpu")
+                model._init_weights(module)
     for name, buf in model.named_non_persistent_buffers():
         if buf.is_meta:
             raise ConvertError(f"cannot compute buffer {name} of {type(model).__name__} off the meta device",
                                where="calibration", fix="Convert without --calibrate")
+
+
+def _rebuilt_on_cpu(module: nn.Module, model_config) -> nn.Module | None:
+    """``type(module)(config=...)`` on the CPU, with the config the module holds (else the text config)."""
+    config = getattr(module, "config", None) or model_config.get_text_config()
+    try:
+        with torch.device("cpu"):
+            return type(module)(config=config)
+    except TypeError:
+        return None
 
 
 def decoder_layers(model) -> tuple[str, nn.Module, nn.ModuleList]:
@@ -84,11 +119,39 @@ def decoder_layers(model) -> tuple[str, nn.Module, nn.ModuleList]:
 
 
 def load_into(model, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device) -> None:
-    """Load source tensors (checkpoint names) into ``model`` with transformers' own loader, then onto ``device``."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
-    from transformers.modeling_utils import LoadStateDictConfig
+    """Load source tensors (checkpoint names) into ``model`` on ``device``.
 
+    Tensors named and shaped as the model's own parameters and buffers are assigned directly (PyTorch's
+    ``load_state_dict``); the others go through transformers' checkpoint conversion (fused MoE experts).
+    """
+    own = model.state_dict(keep_vars=True)
+    direct = {n: t for n, t in tensors.items() if n in own and tuple(own[n].shape) == tuple(t.shape)}
+    if direct:
+        floating = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    for n, t in direct.items()}
+        result = model.load_state_dict(floating, strict=False, assign=True)
+        if result.unexpected_keys:
+            raise ConvertError(f"transformers could not load these weights into the model "
+                               f"({', '.join(sorted(result.unexpected_keys)[:3])})", where="calibration",
+                               fix="Check that config.json matches the weights")
+    rest = {n: t for n, t in tensors.items() if n not in direct}
+    if rest:
+        _load_converted(model, rest, dtype=dtype)
+
+
+def _load_converted(model, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype) -> None:
+    """Checkpoint tensors that transformers rearranges at load time (fused experts), through its own loader."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+    except ImportError:
+        import transformers
+
+        raise ConvertError(f"transformers {transformers.__version__} has no checkpoint-conversion loader for "
+                           f"{type(model).__name__} (e.g. {next(iter(tensors))})", where="calibration",
+                           fix="Install transformers 5.x as the calib extra declares, or convert without "
+                               "--calibrate") from None
     config = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(model), dtype=dtype)
     info = convert_and_load_state_dict_in_model(model=model, state_dict=dict(tensors), load_config=config)
     info = info[0] if isinstance(info, tuple) else info
@@ -117,17 +180,23 @@ def free(module: nn.Module) -> None:
                 sub._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=False)
 
 
-def checkpoint_rows(model, prefix: str, layer: nn.Module) -> dict[str, tuple[str, int, int]]:
+def checkpoint_rows(model, prefix: str, layer: nn.Module, names: list[str]) -> dict[str, tuple[str, int, int]]:
     """Where each checkpoint weight of a layer lives: ``name -> (parameter, first row, rows)``.
 
-    transformers' save-time conversion (the inverse of its load-time one) turns the layer's parameters back
+    ``names`` are the layer's checkpoint tensors. When all are named as the layer's own parameters and buffers,
+    each weight is its parameter. Otherwise transformers' save-time conversion (the inverse of its load-time
+    one) turns the layer's parameters back
     into checkpoint tensors, splitting fused ones (e.g. stacked experts). It is run on tensors holding each
     parameter row's index (one column, so it costs nothing), which tells which rows of which parameter
     every checkpoint tensor is made of.
     """
+    params = [(n, p) for n, p in layer.named_parameters() if p.dim() >= 2]
+    own = {f"{prefix}.{n}": (n, p) for n, p in params}
+    state = layer.state_dict(keep_vars=True)
+    if all(n[len(prefix) + 1:] in state for n in names):
+        return {n: (own[n][0], 0, own[n][1].numel() // own[n][1].shape[-1]) for n in names if n in own}
     from transformers.core_model_loading import revert_weight_conversion
 
-    params = [(n, p) for n, p in layer.named_parameters() if p.dim() >= 2]
     codes = {f"{prefix}.{n}": (torch.arange(p.numel() // p.shape[-1], dtype=torch.float64) + i * 2.0**40)
              .view(*p.shape[:-1], 1) for i, (n, p) in enumerate(params)}
     rows: dict[str, tuple[str, int, int]] = {}

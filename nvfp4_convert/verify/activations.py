@@ -158,13 +158,14 @@ def verify_activations(out: Path, *, source: str, dataset: str, samples: int, se
                        ) -> ActivationReport:
     """:func:`activation_errors` from a source id/folder and calibration text, as ``verify --activations`` runs it."""
     from ..calibration.data import load_calibration_data, load_tokenizer
+    from ..config_fields import read_model_config
     from ..plan import build_plan
     from ..recipes import load_recipe
     from ..sources import open_source
 
     src = open_source(source, revision=revision, token=token, endpoint=endpoint)
     try:
-        config = src.read_json("config.json")
+        config = read_model_config(src)
         plan = build_plan(config=config, headers=src.headers(), weight_map=getattr(src, "weight_map", None),
                           recipe=load_recipe(config=config), where=src.description)
         data = load_calibration_data(dataset, tokenizer=load_tokenizer(src, where=src.description), samples=samples,

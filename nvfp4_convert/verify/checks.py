@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..config_fields import HF_QUANT_FIELDS, MODEL_FIELDS, field_errors, without_fields
 from ..configs import FP4_SCHEME
 from ..constants import (
     BLOCK,
@@ -82,12 +83,22 @@ class OutputChecker:
             return None
         return doc
 
+    def _typed(self, name: str, fields: dict[str, str]) -> dict | None:
+        """``name`` parsed, each field of the wrong type reported and left out (None when unreadable)."""
+        doc = self._json(name)
+        if doc is None:
+            return None
+        errors = field_errors(doc, fields)
+        for _, problem in errors:
+            self.report.add("config files", f"{name} {problem}", name)
+        return without_fields(doc, [field for field, _ in errors])
+
     def check_configs(self) -> None:
         """Both config files present, in ModelOpt's shapes, and saying the same thing (spec §5)."""
         r = self.report
         r.checked["config files"] = 2
-        self.config = self._json("config.json") or {}
-        hqc = self._json("hf_quant_config.json")
+        self.config = self._typed("config.json", MODEL_FIELDS) or {}
+        hqc = self._typed("hf_quant_config.json", HF_QUANT_FIELDS)
         qc = self.config.get("quantization_config")
         if self.config and not isinstance(qc, dict):
             r.add("config files", "config.json has no quantization_config", "config.json")
@@ -173,8 +184,8 @@ class OutputChecker:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = index["weight_map"]
             total_size = index.get("metadata", {}).get("total_size")
-            assert isinstance(weight_map, dict)
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            assert isinstance(weight_map, dict) and all(isinstance(s, str) for s in weight_map.values())
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError, AssertionError):
             r.add(check, "the index is not valid JSON with a weight_map", SAFETENSORS_INDEX)
             self._read_headers(on_disk)
             return

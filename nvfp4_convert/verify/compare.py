@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from ..config_fields import read_model_config
 from ..constants import SCALE_SUFFIXES
 from ..errors import ConvertError
 from ..fp8 import source_flavour
@@ -84,7 +85,7 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
     nvfp4 = set(quantized)
     seen: set[str] = set()
     try:
-        if "config.json" in source.files and source_flavour(source.read_json("config.json"), where=source.description):
+        if "config.json" in source.files and source_flavour(read_model_config(source), where=source.description):
             raise ConvertError("comparing with an FP8 source is not supported", where=source.description,
                                fix="Compare with the BF16 version of the checkpoint, or run verify without --source")
         headers = source.headers()

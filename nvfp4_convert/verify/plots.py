@@ -17,6 +17,7 @@ from ..errors import require_module
 from ..kernels.common import E2M1_VALUES
 
 if TYPE_CHECKING:
+    from .activations import ActivationReport
     from .report import VerifyReport
 
 
@@ -68,6 +69,33 @@ def plot_block_scales(report: VerifyReport, ax) -> None:
     ax.set_xlabel("log2(block scale)")
     ax.set_ylabel("blocks")
     ax.set_title("E4M3 block-scale histogram")
+
+
+def plot_activation_errors(seen: ActivationReport, ax) -> None:
+    """Each decoder layer's mean relative output error: W4A16, W4A4 with the stored and with 1.0 input_scales."""
+    layers = seen.by_layer()
+    labels = {"w4a16": "W4A16", "w4a4": "W4A4, stored input_scale", "w4a4_scale1": "W4A4, input_scale 1.0"}
+    for setting, label in labels.items():
+        values = [errs[setting] for errs in layers.values()]
+        if any(v == v for v in values):  # a setting that applies (no W4A4 for a W4A16 checkpoint)
+            ax.plot(range(len(values)), [v * 100 for v in values], marker=".", label=label)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("relative output error (RMS, %)")
+    ax.set_title(f"Linear output error on {seen.samples} x {seen.seq_len} tokens")
+    ax.legend(fontsize="small")
+
+
+def save_activation_plots(seen: ActivationReport, folder: Path) -> list[Path]:
+    """Write :func:`plot_activation_errors` as a PNG file in ``folder``; returns its path."""
+    require_matplotlib()
+    from matplotlib.figure import Figure
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    plot_activation_errors(seen, fig.add_subplot())
+    path = folder / "activation_error_per_layer.png"
+    fig.savefig(path, dpi=100)
+    return [path]
 
 
 def save_plots(report: VerifyReport, folder: Path) -> list[Path]:
