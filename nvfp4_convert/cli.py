@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer.core import TyperCommand, TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from . import __version__, calibration
 from .errors import ConvertError
@@ -24,15 +24,39 @@ COMMANDS = ("convert", "verify", "push", "bench")
 RESUMABLE = ("convert",)  # commands that pick up where an interrupted run stopped
 
 
-class _Command(TyperCommand):
+class _QuickHelp:
+    """``--help`` defaults to False, not None: typer then skips value coercion for it, which would import pydantic
+    (a tenth of a second) before the help is printed."""
+
+    def get_help_option(self, ctx: typer.Context):
+        option = super().get_help_option(ctx)
+        if option is not None and option.default is None:
+            option.default = False
+        return option
+
+
+class _PlainArgument(TyperArgument):
+    """A positional listed by its name alone (``SRC``, not ``SRC <str>``): its help says what it takes."""
+
+    def display_type_rich(self, ctx: typer.Context) -> None:
+        return None
+
+
+class _Command(_QuickHelp, TyperCommand):
     """A command whose usage line reads ``SRC OUT [OPTIONS]`` (positionals as plain upper-case names)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument:
+                param.__class__ = _PlainArgument
 
     def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
         pieces = [p.strip("{}") for p in super().collect_usage_pieces(ctx)]
         return [*pieces[1:], *pieces[:1]]  # options last, as the commands are usually typed
 
 
-class _Group(TyperGroup):
+class _Group(_QuickHelp, TyperGroup):
     """The root group; its :meth:`invoke` is the CLI's single error boundary."""
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
