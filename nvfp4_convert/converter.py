@@ -163,13 +163,19 @@ def convert(
             report.activation_policy = activation_policy(weight_only, report.calibration)
         if dry_run:
             return report
+        if scales == "mse-weighted" and channel_weights is None and data is None:
+            channel_weights = DataFreeProxy(config, set(plan.tensors))  # with --calibrate: the measured E[x^2]
+        if data is None and not Path(out).exists():
+            # a fresh run reads every shard: the first one downloads while the backends are checked
+            first = pipeline.first_source_shard(plan=plan, shards=plan.shards, scales=scales,
+                                                channel_weights=channel_weights)
+            if first is not None:
+                source.prefetch(first)
         dtypes = tuple({TORCH_DTYPES[plan.compute_dtype(t.name)] for t in plan.quantized.values()}) or None
         checking = time.perf_counter()
         chosen, reason = _choose_backend(backend, exact=exact, threads=threads, dtypes=dtypes, scales=scales)
         report.check_seconds = time.perf_counter() - checking
         report.backend, report.backend_reason, report.scales = chosen.name, reason, scales
-        if scales == "mse-weighted" and channel_weights is None and data is None:
-            channel_weights = DataFreeProxy(config, set(plan.tensors))  # with --calibrate: the measured E[x^2]
         fingerprint = _fingerprint(source, recipe, plan, chosen, weight_only, shard_size, scales=scales,
                                    calibration=_calibration_key(data, calib_headroom))
         copied = _copied_files(source)

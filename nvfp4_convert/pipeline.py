@@ -66,8 +66,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
     each output shard run in ``channel_weights.order`` (a layer's readers after what they read).
     """
     weighted = channel_weights if scales == "mse-weighted" else None
-    steps = [(i, unit) for i, shard in enumerate(shards)
-             for unit in (sorted(shard.units, key=lambda u: _order(u, weighted)) if weighted else shard.units)]
+    steps = _steps(shards, weighted)
     unit_sources = [_sources(u, plan, weighted) for _, u in steps]
     sizes = [unit_bytes(u, plan) for _, u in steps]
     largest = max((t.info.nbytes for t in plan.tensors.values()), default=0)
@@ -298,6 +297,22 @@ def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     step = max(1, limit // max(weight[:1].numel() * weight.element_size(), 1))
     for start in range(0, rows, step):
         yield start, weight[start : start + step]
+
+
+def first_source_shard(*, plan: Plan, shards: list[OutputShard], scales: str = "rtn",
+                       channel_weights: ChannelWeights | None = None) -> str | None:
+    """The source shard :func:`run` acquires first for these arguments (a source may start fetching it early)."""
+    steps = _steps(shards, channel_weights if scales == "mse-weighted" else None)
+    if not steps:
+        return None
+    return min(_sources(steps[0][1], plan, channel_weights if scales == "mse-weighted" else None),
+               key=plan.source_shards.index, default=None)
+
+
+def _steps(shards: list[OutputShard], weighted: ChannelWeights | None) -> list[tuple[int, Unit]]:
+    """(output shard index, unit) in the order units run: shard by shard, by layer within one if weighted."""
+    return [(i, unit) for i, shard in enumerate(shards)
+            for unit in (sorted(shard.units, key=lambda u: _order(u, weighted)) if weighted else shard.units)]
 
 
 def _order(unit: Unit, weights: ChannelWeights) -> tuple:

@@ -83,3 +83,40 @@ def test_interrupt_during_a_stalled_download_ends_at_once_in_one_line(tiny, fake
 def convert_locally(src: Path, out: Path) -> Path:
     convert(str(src), out, max_shard_size="30KB", progress=False)
     return out
+
+
+def test_first_shard_downloads_while_the_backends_are_checked(tiny, fake_hub, tmp_path, monkeypatch):
+    """The backend self-check takes seconds; a fresh Hub conversion spends them downloading, not waiting."""
+    import time
+
+    from nvfp4_convert import converter
+    from nvfp4_convert.sources import LocalSource
+
+    src = tiny("llama")
+    fake_hub.add_repo("org/tiny", src)
+    first = LocalSource(src).shards[0]
+    original, seen = converter._choose_backend, []
+
+    def slow_check(*args, **kwargs):
+        deadline = time.monotonic() + 10
+        while not _shard_gets(fake_hub, first) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        seen.append(_shard_gets(fake_hub, first))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(converter, "_choose_backend", slow_check)
+    convert("org/tiny", tmp_path / "out", endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
+    assert seen == [1], "the first shard was not being downloaded during the backend check"
+    assert len({r.path for r in fake_hub.requests if r.method == "GET" and r.path.endswith(".safetensors")
+                and not r.range}) == len(LocalSource(src).shards)
+
+    fake_hub.requests.clear()  # resuming: nothing is fetched before the output says what is still to do
+    seen.clear()
+    monkeypatch.setattr(converter, "_choose_backend", lambda *a, **k: (seen.append(_shard_gets(fake_hub, first)),
+                                                                        original(*a, **k))[1])
+    convert("org/tiny", tmp_path / "out", endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
+    assert seen == [0]
+
+
+def _shard_gets(fake_hub, filename: str) -> int:
+    return sum(r.method == "GET" and r.path.endswith("/" + filename) and not r.range for r in fake_hub.requests)
