@@ -316,3 +316,25 @@ def test_fake_hub_upload_round_trip(fake_hub, tmp_path):
                                            "sub/model.safetensors": b"\x01" * 64}
     got = api.hf_hub_download("me/out", "sub/model.safetensors", local_dir=tmp_path / "dl")
     assert Path(got).read_bytes() == b"\x01" * 64
+
+
+
+def test_download_that_times_out_is_retried_in_process(fake_hub, served, model, tmp_path, monkeypatch, capfd):
+    """A read time-out mid-download (a stalled connection) is tried again within the run, quietly, instead of
+    failing it; only a link that stays down ends it (see the stalled-download test)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    src = open_hub(fake_hub, tmp_path)
+    shard = src.shards[1]
+    try:
+        src.headers()
+        fake_hub.stall[shard] = 1  # the first attempt stalls half-way
+        assert src.acquire(shard).read_bytes() == (model / shard).read_bytes()
+    finally:
+        src.close()
+    assert fake_hub.stall[shard] == 0
+    downloads = [r for r in fake_hub.requests if r.method == "GET" and r.path.endswith(shard) and r.range is None]
+    assert len(downloads) == 2  # the stalled one, then the retry
+    err = capfd.readouterr().err
+    assert "warning" not in err.lower() and "retry" not in err.lower() and "error" not in err.lower(), err
