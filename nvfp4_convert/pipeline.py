@@ -76,6 +76,7 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
     writer: ShardWriter | None = None
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="converting", disable=not progress,
                dynamic_ncols=True)
+    read: set[str] = set()  # source shards the current output shard is made from
     try:
         for pos, (i, unit) in enumerate(steps):
             if writer is None:
@@ -88,7 +89,11 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
             del loaded
             ahead.done(pos)
             bar.update(sizes[pos])
+            read |= unit_sources[pos]
             if pos + 1 == len(steps) or steps[pos + 1][0] != i:
+                for s in sorted(read):  # an output shard is recorded only once its sources' data checked out
+                    source.check(s)
+                read.clear()
                 finished, writer = writer, None
                 writes.submit(_commit, finished, output, shards[i].filename, nbytes=0)
             writes.check()
@@ -96,6 +101,10 @@ def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputSha
                 writes.drain()  # the source bytes of kept tensors may still be queued for writing
                 ahead.release(releasable)
         writes.drain()
+    except Exception:
+        for s in ahead.ever_acquired:  # a corrupt download explains a bad tensor better than the tensor does
+            source.check(s)
+        raise
     finally:
         ahead.close()
         writes.close()
@@ -130,6 +139,7 @@ class _ReadAhead:
                     self.need_order.append(s)
                 self.last_use[s] = pos
         self.acquired: dict[str, Path] = {}
+        self.ever_acquired: list[str] = []
         self.pending: deque[tuple[int, Future]] = deque()  # (position, load) of the units loaded ahead
         self.in_flight = 0  # bytes of the units submitted and not yet done
         self.next_pos = 0  # the next unit to submit
@@ -145,8 +155,9 @@ class _ReadAhead:
         while self.next_pos < len(self.units) and self._admits(self.next_pos, may_acquire=may_acquire):
             pos = self.next_pos
             for s in sorted(self.sources[pos], key=self.need_order.index):
-                if s not in self.acquired:
-                    self.acquired[s] = self.source.acquire(s)
+                if s not in self.acquired:  # its data check runs on while the next shard downloads
+                    self.acquired[s] = self.source.acquire(s, checked=False)
+                    self.ever_acquired.append(s)
             whole = self.sizes[pos] <= self.budget
             self.pending.append((pos, self.reader.submit(_load, self.units[pos], self.plan, self.paths(pos), whole,
                                                          self.device, self.backend)))

@@ -18,8 +18,8 @@ def test_hub_conversion_equals_local_and_deletes_shards(tiny, fake_hub, tmp_path
     seen = []
     original = hub_module.HubSource.acquire
 
-    def watching_acquire(self, filename):
-        path = original(self, filename)
+    def watching_acquire(self, filename, **kwargs):
+        path = original(self, filename, **kwargs)
         seen.append(sorted(p.name for p in work.glob("*.safetensors")))
         return path
 
@@ -120,3 +120,53 @@ def test_first_shard_downloads_while_the_backends_are_checked(tiny, fake_hub, tm
 
 def _shard_gets(fake_hub, filename: str) -> int:
     return sum(r.method == "GET" and r.path.endswith("/" + filename) and not r.range for r in fake_hub.requests)
+
+
+def test_sha256_checks_run_while_the_next_shard_downloads(tiny, fake_hub, tmp_path, monkeypatch):
+    import time
+
+    from nvfp4_convert.sources import LocalSource
+
+    src = tiny("llama")
+    fake_hub.add_repo("org/tiny", src)
+    checks: dict[str, tuple[float, float]] = {}
+    original = hub_module.HubSource._check_data
+
+    def slow_check(self, filename, path):
+        start = time.monotonic()
+        time.sleep(0.3)  # a multi-GB shard's sha256
+        original(self, filename, path)
+        checks[filename] = (start, time.monotonic())
+
+    monkeypatch.setattr(hub_module.HubSource, "_check_data", slow_check)
+    convert("org/tiny", tmp_path / "hub", endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
+    shards = LocalSource(src).shards
+    assert sorted(checks) == shards
+    started = {r.path.rsplit("/", 1)[1]: r.time for r in fake_hub.requests
+               if r.method == "GET" and r.path.endswith(".safetensors") and not r.range}
+    overlapped = [a for a, b in zip(shards, shards[1:]) if started[b] < checks[a][1]]
+    assert len(overlapped) >= len(shards) - 2, (overlapped, checks, started)
+    convert(str(src), tmp_path / "local", max_shard_size="30KB", progress=False)
+    assert snapshot(tmp_path / "hub") == snapshot(tmp_path / "local")
+
+
+def test_corrupt_download_is_reported_as_such_and_nothing_made_from_it_is_kept(tiny, fake_hub, tmp_path):
+    import pytest
+
+    from nvfp4_convert.errors import ConvertError
+    from nvfp4_convert.sources import LocalSource
+
+    src = tiny("llama")
+    fake_hub.add_repo("org/tiny", src)
+    shard = LocalSource(src).shards[-1]
+    good = (src / shard).read_bytes()
+    (src / shard).write_bytes(good[:-2] + b"\xff\x7f")  # tensor bytes change (to a NaN): size, header stay
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError, match="sha256 mismatch") as info:
+        convert("org/tiny", out, endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
+    assert shard in str(info.value)
+    assert not (out / "config.json").exists()
+    (src / shard).write_bytes(good)
+    convert("org/tiny", out, endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
+    convert(str(src), tmp_path / "local", max_shard_size="30KB", progress=False)
+    assert snapshot(out) == snapshot(tmp_path / "local")

@@ -14,9 +14,12 @@ class _Source:
     def __init__(self):
         self.events: list[tuple[str, str]] = []
 
-    def acquire(self, name):
+    def acquire(self, name, *, checked=True):
         self.events.append(("acquire", name))
         return Path(name)
+
+    def check(self, name):
+        self.events.append(("check", name))
 
     def prefetch(self, name):
         self.events.append(("prefetch", name))

@@ -39,8 +39,15 @@ class Source(Protocol):
     def prefetch(self, filename: str) -> None:
         """Start getting ``filename`` in the background (no-op where not applicable)."""
 
-    def acquire(self, filename: str) -> Path:
-        """A verified local path for the shard ``filename``; blocks until it is there."""
+    def acquire(self, filename: str, *, checked: bool = True) -> Path:
+        """A local path for the shard ``filename``; blocks until it is there.
+
+        With ``checked`` (the default) its data is verified too. Without, its header is, and the data check
+        (a download's sha256) may still be running: call :meth:`check` before trusting what was made from it.
+        """
+
+    def check(self, filename: str) -> None:
+        """Wait for the data check of an acquired shard; raise its one-line error if it failed."""
 
     def release(self, filename: str) -> None:
         """The converter no longer needs ``filename``; a downloaded copy may be deleted."""

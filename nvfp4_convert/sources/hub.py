@@ -146,6 +146,8 @@ class HubSource:
         self.work_dir = Path(tempfile.mkdtemp(prefix="nvfp4-hub-") if work_dir is None else work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._pool = _Worker(_THREAD_PREFIX + "download")
+        self._checker = _Worker(_THREAD_PREFIX + "check")  # sha256 of finished downloads, off the link's path
+        self._checks: dict[str, Future[None]] = {}  # downloaded shard -> its data check
         self._pending: dict[str, Future[Path]] = {}  # submitted, not acquired yet
         self._held: dict[str, Path] = {}  # acquired, not released yet
         self._cached: set[str] = set()  # read from the Hugging Face cache, never deleted
@@ -229,25 +231,42 @@ class HubSource:
         self.headers()  # plan first, on this thread, so the worker only compares
         self._pending[filename] = self._pool.submit(self._download, filename)
 
-    def acquire(self, filename: str) -> Path:
-        """Download (or wait for the prefetch of) ``filename``, check its sha256 and header, return its path."""
-        self._check_shard(filename)
-        if filename in self._held:
-            return self._held[filename]
-        self.headers()
-        future = self._pending.pop(filename, None) or self._pool.submit(self._download, filename)
-        self._held[filename] = path = future.result()
-        return path
+    def acquire(self, filename: str, *, checked: bool = True) -> Path:
+        """Download (or wait for the prefetch of) ``filename``, check its header, return its path.
 
-    def release(self, filename: str) -> None:
-        """Done with ``filename``: delete the downloaded copy unless ``keep_source``."""
-        self._held.pop(filename, None)
-        future = self._pending.pop(filename, None)
-        if future is not None and not future.cancel():
+        Its sha256 is computed on a thread of its own, so the next download can start meanwhile; with
+        ``checked`` this waits for it too, else :meth:`check` does.
+        """
+        self._check_shard(filename)
+        if filename not in self._held:
+            self.headers()
+            future = self._pending.pop(filename, None) or self._pool.submit(self._download, filename)
+            self._held[filename] = future.result()
+        if checked:
+            self.check(filename)
+        return self._held[filename]
+
+    def check(self, filename: str) -> None:
+        if (future := self._checks.get(filename)) is not None:
             try:
                 future.result()
-            except (ConvertError, _Stopped):
-                pass
+            except ConvertError:
+                self._delete(filename)  # a re-run downloads it again
+                raise
+
+    def release(self, filename: str) -> None:
+        """Done with ``filename``: delete the downloaded copy unless ``keep_source``.
+
+        A data check still running is waited for (its verdict stays for :meth:`check`)."""
+        self._held.pop(filename, None)
+        pending = self._pending.pop(filename, None)
+        for future in (pending if pending is not None and not pending.cancel() else None,
+                       self._checks.get(filename)):
+            if future is not None:
+                try:
+                    future.result()
+                except (ConvertError, _Stopped):
+                    pass
         if not self.keep_source:
             self._delete(filename)
 
@@ -256,35 +275,36 @@ class HubSource:
             raise ValueError(f"{filename!r} is not a weight shard of {self.description}")
 
     def _download(self, filename: str) -> Path:
-        """Runs on the download thread: fetch ``filename`` into work_dir (unless cached) and verify it."""
+        """Runs on the download thread: fetch ``filename`` into work_dir (unless cached), check its header and
+        queue its sha256 check."""
         if (cached := cached_file(self.repo_id, filename, revision=self.revision)) is not None:
             self._cached.add(filename)
-            self._verify(filename, cached)
-            return cached
-        with self._hub_errors(filename):
-            path = Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
-                                                  local_dir=self.work_dir, tqdm_class=self._bar_class()))
+            path = cached
+        else:
+            with self._hub_errors(filename):
+                path = Path(self._api.hf_hub_download(self.repo_id, filename, revision=self.revision,
+                                                      local_dir=self.work_dir, tqdm_class=self._bar_class()))
         try:
-            self._verify(filename, path)
+            if read_header(path, filename=filename) != self.headers()[filename]:
+                raise ConvertError("downloaded shard's header differs from the one read before the download",
+                                   where=f"{self.description}/{filename}", fix="Re-run the conversion")
         except ConvertError:
             self._delete(filename)
             raise
+        self._checks[filename] = self._checker.submit(self._check_data, filename, path)
         return path
 
-    def _verify(self, filename: str, path: Path) -> None:
+    def _check_data(self, filename: str, path: Path) -> None:
+        """Runs on the check thread: the file's sha256 against the one the Hub lists."""
         lfs = self._siblings[filename].lfs
-        if lfs is not None and path.resolve().name == lfs.sha256:
-            pass  # a cache blob is named by its sha256, checked by huggingface_hub when it was stored
-        elif lfs is not None:  # weights are always LFS on the Hub; a plain git file has only a sha1 we skip
-            with open(path, "rb") as f:
-                actual = sha_fileobj(f).hex()
-            if actual != lfs.sha256:
-                raise ConvertError(f"sha256 mismatch: downloaded {actual[:16]}…, the Hub lists {lfs.sha256[:16]}…",
-                                   where=f"{self.description}/{filename}",
-                                   fix="Re-run to download it again; if it persists the repo's file is corrupt")
-        if read_header(path, filename=filename) != self.headers()[filename]:
-            raise ConvertError("downloaded shard's header differs from the one read before the download",
-                               where=f"{self.description}/{filename}", fix="Re-run the conversion")
+        if lfs is None or path.resolve().name == lfs.sha256:
+            return  # a plain git file has only a sha1 we skip; a cache blob is named by its checked sha256
+        with open(path, "rb") as f:
+            actual = sha_fileobj(f).hex()
+        if actual != lfs.sha256:
+            raise ConvertError(f"sha256 mismatch: downloaded {actual[:16]}…, the Hub lists {lfs.sha256[:16]}…",
+                               where=f"{self.description}/{filename}",
+                               fix="Re-run to download it again; if it persists the repo's file is corrupt")
 
     def _delete(self, filename: str) -> None:
         if filename in self._cached:
@@ -337,7 +357,11 @@ class HubSource:
         self._stop.set()
         for future in self._pending.values():
             future.cancel()
+        for filename, future in self._checks.items():
+            if not future.cancel() and future.done() and isinstance(future.exception(), ConvertError):
+                self._delete(filename)
         self._pool.shutdown(grace=_CLOSE_GRACE)
+        self._checker.shutdown(grace=_CLOSE_GRACE)
         if not self.keep_source:
             for filename in [*self._pending, *self._held]:
                 self._delete(filename)

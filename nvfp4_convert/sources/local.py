@@ -76,8 +76,11 @@ class LocalSource:
     def prefetch(self, filename: str) -> None:
         pass
 
-    def acquire(self, filename: str) -> Path:
+    def acquire(self, filename: str, *, checked: bool = True) -> Path:
         return self._path(filename)
+
+    def check(self, filename: str) -> None:
+        pass
 
     def release(self, filename: str) -> None:
         pass
