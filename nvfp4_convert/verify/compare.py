@@ -25,6 +25,7 @@ from ..kernels.common import BLOCK, dequantize, grid_position, is_dust, unpack_c
 from ..kernels.reference import cast_e2m1
 from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
 from ..sources import open_source
+from ..stacked import unfuse
 
 CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes compared at a time
 COMPARE_BYTES = 16 * 1024 * 1024  # float32 source rows dequantized at a time (temporaries are several times this)
@@ -85,10 +86,11 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
     nvfp4 = set(quantized)
     seen: set[str] = set()
     try:
-        if "config.json" in source.files and source_flavour(read_model_config(source), where=source.description):
+        config = read_model_config(source) if "config.json" in source.files else {}
+        if config and source_flavour(config, where=source.description):
             raise ConvertError("comparing with an FP8 source is not supported", where=source.description,
                                fix="Compare with the BF16 version of the checkpoint, or run verify without --source")
-        headers = source.headers()
+        headers, _, _ = unfuse(config, source.headers(), None, where=source.description)
         total = sum(i.nbytes for h in headers.values() for i in h.tensors.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="compare", disable=not progress) as bar:
             for shard in sorted(headers):
