@@ -44,8 +44,8 @@ FIX_FUSED = "Save it with transformers' save_pretrained (one Linear per expert),
 def unfuse(config: dict, headers: dict[str, ShardHeader], weight_map: dict[str, str] | None, *,
            where: str) -> tuple[dict[str, ShardHeader], dict[str, str] | None, list[TensorInfo]]:
     """``headers`` and ``weight_map`` with each fused ``[E, out, in]`` expert tensor replaced by its experts'
-    Linear weights (``experts.{e}.gate_proj/up_proj/down_proj.weight``), each covering its own bytes, and
-    the fused tensors replaced.
+    Linear weights (``experts.{e}.gate_proj/up_proj/down_proj.weight``), each covering its own bytes; also
+    the fused tensors so replaced.
 
     Only for :data:`PER_EXPERT_MODEL_TYPES`; the shapes must be the config's, so a tensor stored another
     way round is refused rather than read along the wrong axis.
@@ -89,10 +89,10 @@ def _experts(config: dict, t: TensorInfo, *, where: str) -> list[TensorInfo]:
     gate_up = m["proj"] == "gate_up_proj"
     rows, cols = (2 * width, hidden) if gate_up else (hidden, width)
     if t.dtype not in FLOAT_DTYPES or t.shape != (experts, rows, cols):
+        dims = f"2 * {width_key}, hidden_size" if gate_up else f"hidden_size, {width_key}"
         raise ConvertError(f"fused expert tensor {t.name} is {t.dtype}{list(t.shape)}, but {config['model_type']} "
                            f"stores it as a float [experts, out, in] = {[experts, rows, cols]} ({experts_key}, "
-                           f"{'2 * ' if gate_up else ''}{width_key if gate_up else 'hidden_size'}, "
-                           f"{'hidden_size' if gate_up else width_key})", where=where, fix=FIX_FUSED)
+                           f"{dims})", where=where, fix=FIX_FUSED)
     leaves = ("gate_proj", "up_proj") if gate_up else ("down_proj",)
     size = rows // len(leaves) * cols * DTYPE_SIZES[t.dtype]
     start = t.data_offsets[0]

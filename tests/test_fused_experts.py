@@ -151,3 +151,18 @@ def test_fused_source_calibrates_like_the_per_expert_one(tiny, tmp_path):
     assert len({outs["fused"][n].item() for n in scales}) > 3  # calibrated, not the 1.0 constant
     assert sorted(outs["fused"]) == sorted(outs["per-expert"])
     assert all(raw_bytes(t) == raw_bytes(outs["per-expert"][n]) for n, t in outs["fused"].items())
+
+
+def test_fused_source_killed_run_resumes_byte_identical(tiny, tmp_path):
+    from checks import run_cli, snapshot
+
+    src = tiny("qwen3_moe_i48", fused=True)
+    args = ["--max-shard-size", "30KB", "--no-progress", "--backend", "reference"]
+    done = run_cli([str(src), str(tmp_path / "ref"), *args])
+    assert done.returncode == 0, done.stderr
+    killed = run_cli([str(src), str(tmp_path / "out"), *args], kill=("safetensors_io", "ShardWriter.write", 60))
+    assert killed.returncode == -9, killed.stderr
+    assert not (tmp_path / "out" / "config.json").exists()
+    resumed = run_cli([str(src), str(tmp_path / "out"), *args])
+    assert resumed.returncode == 0, resumed.stderr
+    assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
