@@ -55,6 +55,10 @@ MODEL_FIELDS: dict[str, str] = {
     "dtype": "string?",
     **_SIZES,
     "num_nextn_predict_layers": "count?",
+    "num_experts": "count?",  # these four: reading fused experts (see stacked.py)
+    "num_local_experts": "count?",
+    "n_routed_experts": "count?",
+    "moe_intermediate_size": "count?",
     "text_config": "object?",
     **{f"text_config.{name}": kind for name, kind in _SIZES.items()},
     "text_config.model_type": "string",

@@ -16,7 +16,7 @@ from .fp8 import DROPPED_SUFFIXES, Fp8Weight, fp8_weights, source_flavour
 from .recipes import Recipe
 from .safetensors_io import FLOAT_DTYPES, OutTensor
 from .sources.base import ShardHeader, TensorInfo
-from .stacked import check_convertible, stacked_experts
+from .stacked import check_convertible, stacked_experts, unfuse
 from .stacked import outputs as stacked_outputs
 
 _QUANTIZED_SUFFIXES = (".weight_scale", ".weight_scale_inv", ".weight_scale_2", ".input_scale", ".weight_packed",
@@ -152,11 +152,16 @@ def build_plan(*, config: dict, headers: dict[str, ShardHeader], weight_map: dic
         max_shard_size: output shard size limit in bytes (a single larger unit gets a shard of its own).
         where: the source's description, for messages.
     """
+    headers, weight_map, unfused = unfuse(config, headers, weight_map, where=where)
     tensors = collect_tensors(headers, weight_map, where=where)
     flavour = source_flavour(config, where=where)
     fp8, not_carried = fp8_weights(flavour, tensors, where=where)
     check_not_quantized(config, tensors, where=where, handled=not_carried)
     warnings: list[str] = []
+    if unfused:
+        warnings.append(f"{len(unfused)} fused 3-D expert tensors (e.g. {unfused[0].name} {list(unfused[0].shape)}) "
+                        "are read as one Linear per expert (experts.N.gate_proj/up_proj/down_proj), as ModelOpt "
+                        "exports them and engines load them")
     if dropped := sorted(n for n in not_carried if n.endswith(DROPPED_SUFFIXES)):
         warnings.append(f"{len(dropped)} activation/KV-cache scales of the FP8 source (e.g. {dropped[0]}) do not "
                         "apply to NVFP4 and are dropped")

@@ -220,11 +220,49 @@ def test_fp8_killed_run_resumes_byte_identical(fp8_models, tmp_path):
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "ref")
 
 
-def test_verify_refuses_an_fp8_source_in_one_line(fp8_models, tmp_path):
+@pytest.mark.parametrize("kind", ["deepseek_v3", "qwen3_moe"])
+def test_verify_against_an_fp8_source_equals_against_its_dequantization(kind, fp8_models, tmp_path):
     from nvfp4_convert.verify import verify
 
-    fp8, _ = fp8_models["qwen3_moe"]
-    convert(str(fp8), tmp_path / "out", progress=False)
-    assert verify(tmp_path / "out", progress=False).ok
-    with pytest.raises(ConvertError, match="comparing with an FP8 source is not supported"):
-        verify(tmp_path / "out", source=str(fp8), progress=False)
+    fp8, expected = fp8_models[kind]
+    report = convert(str(fp8), tmp_path / "out", max_shard_size="30KB", progress=False)
+    against_fp8 = verify(tmp_path / "out", source=str(fp8), progress=False)
+    against_bf16 = verify(tmp_path / "out", source=str(expected), progress=False)
+    assert against_fp8.ok, [v.line() for v in against_fp8.violations]
+    assert len(against_fp8.layers) == len(report.plan.quantized) > 10
+    def by_module(report):
+        return sorted(report.layers, key=lambda x: x.module)
+
+    assert by_module(against_fp8) == by_module(against_bf16)  # every error figure, from the same BF16 weights
+    assert against_fp8.checked == against_bf16.checked and against_fp8.identical == against_bf16.identical
+
+
+def _scaled(fp8, dst, factors: dict[str, float]):
+    """A copy of FP8 checkpoint ``fp8`` with the first block scale of each named weight multiplied."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(fp8, dst)
+    for shard in dst.glob("*.safetensors"):
+        tensors = load_file(shard)
+        if hit := [n for n in factors if f"{n}_scale_inv" in tensors]:
+            for n in hit:
+                tensors[f"{n}_scale_inv"][0, 0] *= factors[n]
+            save_file(tensors, shard, metadata={"format": "pt"})
+    return dst
+
+
+def test_verify_against_an_fp8_source_finds_what_differs(fp8_models, fake_hub, tmp_path):
+    from nvfp4_convert.verify import verify
+
+    fp8, _ = fp8_models["deepseek_v3"]
+    convert(str(fp8), tmp_path / "out", max_shard_size="30KB", progress=False)
+    fake_hub.add_repo("org/tiny-deepseek-fp8", fp8)  # scales in other shards are fetched from the Hub too
+    hub = verify(tmp_path / "out", source="org/tiny-deepseek-fp8", endpoint=fake_hub.url, progress=False)
+    assert hub.ok and hub.layers == verify(tmp_path / "out", source=str(fp8), progress=False).layers
+    kept, quantized = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight", "model.layers.2.mlp.experts.1.down_proj"
+    other = _scaled(fp8, tmp_path / "other", {kept: 2.0, quantized + ".weight": 8.0})
+    found = verify(tmp_path / "out", source=str(other), progress=False)
+    lines = [v.line() for v in found.violations]
+    assert not found.ok and len(lines) == 2, lines
+    assert any(kept in line and "BF16 dequantization" in line for line in lines), lines
+    assert any(quantized in line and "outlier" in line for line in lines), lines

@@ -52,6 +52,9 @@ def _config(kind: str):
     if kind == "qwen3_moe_k40":
         return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=40, num_experts=4,
                                  num_experts_per_tok=2, head_dim=16, **common)
+    if kind == "qwen3_moe_i48":  # no square expert matrix: [2I, H] = [96, 64], [H, I] = [64, 48]
+        return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=48, num_experts=4,
+                                 num_experts_per_tok=2, head_dim=16, **common)
     if kind == "qwen2_moe":
         return tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=64,
                                  num_experts=4, num_experts_per_tok=2, **common)
@@ -111,10 +114,13 @@ def _rename(path: Path, prefixes: dict[str, str]) -> None:
 
 
 def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int = 0,
-               dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False, mtp: bool = False) -> Path:
+               dtype: torch.dtype = torch.bfloat16, tie_word_embeddings: bool = False, mtp: bool = False,
+               fused: bool = False) -> Path:
     """Save a random ``kind`` model to ``path`` with small shards so fused groups straddle shards.
 
-    ``mtp`` adds DeepSeek's multi-token-prediction layer after the decoder stack."""
+    ``mtp`` adds DeepSeek's multi-token-prediction layer after the decoder stack. ``fused`` saves MoE experts
+    as transformers 5 holds them in memory (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``)
+    instead of one Linear per expert."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -128,7 +134,7 @@ def build_tiny(kind: str, path: Path, *, max_shard_size: str = "40KB", seed: int
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(torch.empty(p.shape[0], 1).log_normal_(0, 1).to(p.dtype))
-    model.save_pretrained(path, max_shard_size=max_shard_size)
+    model.save_pretrained(path, max_shard_size=max_shard_size, save_original_format=not fused)
     if mtp:
         _add_mtp_layer(model, path)
     if kind == "qwen2_5_vl":

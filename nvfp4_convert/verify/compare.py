@@ -1,5 +1,6 @@
 """Comparing a converted checkpoint with its source: the error of every quantized weight, and
-byte identity of every other tensor.
+byte identity of every other tensor. The source is read as the conversion reads it: fused experts
+one Linear per expert (:mod:`..stacked`), FP8 weights dequantized to BF16 (:mod:`..fp8`).
 
 The source is streamed one shard at a time (acquired, compared, released), and each tensor a row
 chunk at a time, so memory and scratch disk stay bounded whatever the model size.
@@ -18,13 +19,15 @@ from tqdm.auto import tqdm
 
 from ..config_fields import read_model_config
 from ..constants import SCALE_SUFFIXES
-from ..errors import ConvertError
-from ..fp8 import source_flavour
+from ..fp8 import Fp8Weight, check_scale_values, fp8_weights, source_flavour
+from ..fp8 import dequantize as dequantize_fp8
 from ..kernels import reference
 from ..kernels.common import BLOCK, dequantize, grid_position, is_dust, unpack_codes
 from ..kernels.reference import cast_e2m1
-from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor_bytes
+from ..plan import collect_tensors
+from ..safetensors_io import FLOAT_DTYPES, ShardHeader, TensorInfo, read_rows, read_tensor, read_tensor_bytes
 from ..sources import open_source
+from ..stacked import unfuse
 
 CHUNK_BYTES = 64 * 1024 * 1024  # raw bytes compared at a time
 COMPARE_BYTES = 16 * 1024 * 1024  # float32 source rows dequantized at a time (temporaries are several times this)
@@ -85,26 +88,32 @@ def compare_with_source(output: OutputTensors, *, quantized: list[str], src: str
     nvfp4 = set(quantized)
     seen: set[str] = set()
     try:
-        if "config.json" in source.files and source_flavour(read_model_config(source), where=source.description):
-            raise ConvertError("comparing with an FP8 source is not supported", where=source.description,
-                               fix="Compare with the BF16 version of the checkpoint, or run verify without --source")
-        headers = source.headers()
-        total = sum(i.nbytes for h in headers.values() for i in h.tensors.values())
+        config = read_model_config(source) if "config.json" in source.files else {}
+        flavour = source_flavour(config, where=source.description) if config else None
+        headers, _, _ = unfuse(config, source.headers(), None, where=source.description)
+        tensors = collect_tensors(headers, None, where=source.description)
+        fp8, not_carried = fp8_weights(flavour, tensors, where=source.description)
+        total = sum(t.info.nbytes for t in tensors.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="compare", disable=not progress) as bar:
             for shard in sorted(headers):
                 path = source.acquire(shard)
                 try:
+                    scales = _fp8_scales(source, shard, path, headers, tensors, fp8)
                     for info in sorted(headers[shard].tensors.values(), key=lambda t: t.data_offsets):
                         seen.add(info.name)
+                        bar.update(info.nbytes)
+                        if info.name in not_carried:  # FP8 scales and activation scales: not in the output
+                            continue
+                        spec = fp8.get(info.name)
+                        weight = SourceWeight(path, headers[shard], info, spec, scales.get(info.name))
                         module = info.name[: -len(".weight")] if info.name.endswith(".weight") else None
                         if module in nvfp4:
-                            _compare_quantized(output, module, path, headers[shard], info, result)
+                            _compare_quantized(output, module, weight, result)
                         elif info.name in output.tensors:
-                            _compare_kept(output, path, headers[shard], info, result)
+                            _compare_kept(output, weight, result)
                         else:
                             result.problems.append(("kept vs source", "source tensor is missing from the output",
                                                     info.name))
-                        bar.update(info.nbytes)
                 finally:
                     source.release(shard)
     finally:
@@ -139,27 +148,78 @@ def flag_outliers(layers: list[LayerError]) -> None:
             layer.outlier = f"SQNR {layer.sqnr_db:.1f} dB is far below the median {median:.1f} dB"
 
 
-def _compare_kept(output: OutputTensors, path: Path, header: ShardHeader, info: TensorInfo,
-                  result: Comparison) -> None:
+@dataclass(frozen=True)
+class SourceWeight:
+    """A source tensor as the conversion reads it: an FP8 weight dequantized to BF16 (:func:`..fp8.dequantize`)."""
+
+    path: Path
+    header: ShardHeader
+    info: TensorInfo
+    fp8: Fp8Weight | None = None
+    scale: torch.Tensor | None = None  # the FP8 weight's whole scale tensor
+
+    @property
+    def dtype(self) -> str:
+        return "BF16" if self.fp8 is not None else self.info.dtype
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        raw = read_rows(self.path, self.header, self.info.name, r0, r1)
+        return raw if self.fp8 is None else dequantize_fp8(raw, self.scale, self.fp8.block, row_start=r0)
+
+
+def _fp8_scales(source, shard: str, path: Path, headers: dict[str, ShardHeader], tensors: dict,
+                fp8: dict[str, Fp8Weight]) -> dict[str, torch.Tensor]:
+    """The scale of each FP8 weight in ``shard`` (acquiring, one at a time, shards that hold some elsewhere)."""
+    wanted: dict[str, list[str]] = {}
+    for name in headers[shard].tensors:
+        if name in fp8:
+            wanted.setdefault(tensors[fp8[name].scale].shard, []).append(name)
+    scales = {}
+    for where, weights in sorted(wanted.items()):
+        held = path if where == shard else source.acquire(where)
+        try:
+            for name in weights:
+                scale = read_tensor(held, headers[where], fp8[name].scale)
+                check_scale_values(scale, fp8[name].scale, where=where)
+                scales[name] = scale
+        finally:
+            if where != shard:
+                source.release(where)
+    return scales
+
+
+def _compare_kept(output: OutputTensors, src: SourceWeight, result: Comparison) -> None:
     result.kept_compared += 1
+    info = src.info
     out = output.tensors[info.name][1]
-    if (out.dtype, out.shape) != (info.dtype, info.shape):
+    if (out.dtype, out.shape) != (src.dtype, info.shape):
         result.problems.append(("kept vs source", f"is {out.dtype}{list(out.shape)}, the source has "
-                                f"{info.dtype}{list(info.shape)}", info.name))
+                                f"{src.dtype}{list(info.shape)}", info.name))
         return
-    for start in range(0, info.nbytes, CHUNK_BYTES):
-        stop = min(info.nbytes, start + CHUNK_BYTES)
-        if read_tensor_bytes(path, header, info.name, start, stop) != output.read(info.name, start, stop):
-            result.problems.append(("kept vs source", f"differs from the source (first difference in bytes "
-                                    f"{start}-{stop})", info.name))
-            return
+    if src.fp8 is None:
+        for start in range(0, info.nbytes, CHUNK_BYTES):
+            stop = min(info.nbytes, start + CHUNK_BYTES)
+            if read_tensor_bytes(src.path, src.header, info.name, start, stop) != output.read(info.name, start, stop):
+                result.problems.append(("kept vs source", f"differs from the source (first difference in bytes "
+                                        f"{start}-{stop})", info.name))
+                return
+    else:  # written as the BF16 dequantization
+        rows, row_bytes = info.shape[0], out.nbytes // max(info.shape[0], 1)
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            if bytes(src.rows(r0, r1).view(torch.uint8).numpy()) != bytes(output.read(info.name, r0 * row_bytes,
+                                                                                     r1 * row_bytes)):
+                result.problems.append(("kept vs source", f"differs from the source's BF16 dequantization (first "
+                                        f"difference in rows {r0}-{r1})", info.name))
+                return
     result.identical += 1
 
 
-def _compare_quantized(output: OutputTensors, module: str, path: Path, header: ShardHeader, info: TensorInfo,
-                       result: Comparison) -> None:
+def _compare_quantized(output: OutputTensors, module: str, src: SourceWeight, result: Comparison) -> None:
+    info = src.info
     packed_info = output.tensors[f"{module}.weight"][1]
-    if info.dtype not in FLOAT_DTYPES or len(info.shape) != 2 or info.shape[1] % BLOCK or \
+    if src.dtype not in FLOAT_DTYPES or len(info.shape) != 2 or info.shape[1] % BLOCK or \
             tuple(packed_info.shape) != (info.shape[0], info.shape[1] // 2):
         result.problems.append(("error vs source", f"packed {list(packed_info.shape)} does not match source "
                                 f"{info.dtype}{list(info.shape)}", module))
@@ -175,7 +235,7 @@ def _compare_quantized(output: OutputTensors, module: str, path: Path, header: S
     step = max(1, COMPARE_BYTES // (k * 4))
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        raw = read_rows(path, header, info.name, r0, r1)
+        raw = src.rows(r0, r1)
         w = raw.float()
         packed, scales = output.rows(f"{module}.weight", r0, r1), output.rows(f"{module}.weight_scale", r0, r1)
         rtn_error += float(((w - dequantize(*reference.quantize(raw, ws2), ws2)).double() ** 2).sum())
