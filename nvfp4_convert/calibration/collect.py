@@ -143,7 +143,8 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
     model = L.build_skeleton(config, dtype=dtype, where=source.description)
     prefix, owner, layer_list = L.decoder_layers(model)
     count = model.config.get_text_config().num_hidden_layers
-    by_layer, outside = _tensors_by_layer(plan, prefix, count, where=source.description)
+    by_layer, outside = _tensors_by_layer(plan, L.own_names(model, list(plan.tensors)), prefix, count,
+                                          where=source.description)
     store = _StatsStore(state_dir, f"{state_key}:{data.fingerprint()}", count) if state_dir is not None else None
 
     done = store.finished_layers() if store else {}
@@ -183,7 +184,8 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
             weights = shards.tensors(by_layer[i])
             L.load_into(model, weights, dtype=dtype, device=dev)
             L.to_device(layer, dev)
-            wanted = {m for m in (plan.quantized if modules is None else modules) if m.startswith(f"{prefix}.{i}.")}
+            held = {n.removesuffix(".weight") for n in by_layer[i]}
+            wanted = {m for m in (plan.quantized if modules is None else modules) if m in held}
             watching = observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer, list(weights)), wanted, i)
             del weights
             with torch.no_grad(), watching:
@@ -219,21 +221,26 @@ def _model_dtype(plan: Plan) -> torch.dtype:
     return TORCH_DTYPES[max(counts, key=counts.get)] if counts else torch.bfloat16
 
 
-def _tensors_by_layer(plan: Plan, prefix: str, count: int, *, where: str) -> tuple[list[list[str]], list[str]]:
-    """Source tensor names of each decoder layer, and those needed before the first (not the head)."""
+def _tensors_by_layer(plan: Plan, own: dict[str, str], prefix: str, count: int, *, where: str
+                      ) -> tuple[list[list[str]], list[str]]:
+    """Source tensor names of each decoder layer, and those needed before the first (not the head).
+
+    ``own`` maps each checkpoint name to the model's (``prefix`` is the model's name of its decoder layers).
+    """
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     by_layer: list[list[str]] = [[] for _ in range(count)]
     outside: list[str] = []
     for name in plan.tensors:
-        if m := pattern.match(name):
+        if m := pattern.match(own[name]):
             if int(m[1]) < count:
                 by_layer[int(m[1])].append(name)
-        elif not name.startswith("lm_head."):
+        elif not own[name].startswith("lm_head."):
             outside.append(name)
     if not all(by_layer):
         missing = next(i for i, names in enumerate(by_layer) if not names)
-        raise ConvertError(f"the checkpoint has no tensors for decoder layer {missing} ({prefix}.{missing}.*)",
-                           where=where, fix="Check that config.json matches the weights")
+        raise ConvertError(f"the checkpoint has no tensors for decoder layer {missing} ({prefix}.{missing}.*, "
+                           "or a layout transformers renames to it)", where=where,
+                           fix="Check that config.json matches the weights")
     return by_layer, outside
 
 
