@@ -11,7 +11,8 @@ would.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -144,6 +145,36 @@ def own_names(model, names: list[str]) -> dict[str, str]:
         renamed, _ = rename_source_key(name, renamings, [], model.base_model_prefix, own)
         out[name] = renamed if renamed in own or name not in own else name
     return out
+
+
+@contextlib.contextmanager
+def loaded_on_call(model, names: list[str], load: Callable[[list[str]], None]) -> Iterator[None]:
+    """While the block runs, ``load`` loads each module's tensors among ``names`` (checkpoint names) just
+    before its first forward, so what the model never runs (its final norm, a vision tower) is never read.
+    Tensors not named as the model's own are loaded up front."""
+    renamed = own_names(model, names)
+    state = model.state_dict(keep_vars=True)
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        if renamed[name] in state:
+            by_module.setdefault(renamed[name].rpartition(".")[0], []).append(name)
+    if eager := [n for n in names if renamed[n] not in state]:
+        load(eager)
+    handles = []
+
+    def hook(group: list[str], module, args) -> None:
+        if group:
+            load(list(group))
+            group.clear()
+
+    for path, group in by_module.items():
+        module = model.get_submodule(path) if path else model
+        handles.append(module.register_forward_pre_hook(functools.partial(hook, group)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def load_into(model, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device) -> None:
