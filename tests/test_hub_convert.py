@@ -135,3 +135,39 @@ def test_calibrated_hub_conversion_downloads_each_shard_once(tiny, fake_hub, tmp
     monkeypatch.setattr(layers, "free", free)
     convert("org/tiny", tmp_path / "resumed", endpoint=fake_hub.url, work_dir=work, **options)
     assert snapshot(tmp_path / "resumed") == snapshot(tmp_path / "local")
+
+
+def test_shared_shards_are_acquired_once_and_released_when_no_reader_claims_them():
+    from nvfp4_convert.sources.shared import SharedShards
+
+    class Counting:
+        description = "counting"
+
+        def __init__(self):
+            self.calls = []
+
+        def acquire(self, name):
+            self.calls.append(("acquire", name))
+            return Path(name)
+
+        def release(self, name):
+            self.calls.append(("release", name))
+
+        def prefetch(self, name):
+            self.calls.append(("prefetch", name))
+
+    source = Counting()
+    shared = SharedShards(source)
+    later = {"b"}  # what the second reader still has to read, as it keeps it itself
+    shared.claim("first", {"a", "b"})
+    shared.claim("second", lambda s: s in later)
+    first, second = shared.view("first"), shared.view("second")
+    assert first.description == "counting"
+    first.acquire("a"), first.acquire("b"), first.release("a")
+    assert source.calls[-1] == ("release", "a")
+    first.release("b")  # the second reader will read it: kept
+    second.prefetch("b")
+    assert second.acquire("b") == Path("b") and ("release", "b") not in source.calls
+    later.clear()
+    second.release("b")
+    assert source.calls == [("acquire", "a"), ("acquire", "b"), ("release", "a"), ("release", "b")]
