@@ -5,10 +5,18 @@ values, which does not change the work), then collects the activation statistics
 ``--seq-len`` tokens one decoder layer at a time, and prints the time, the peak GPU memory, the peak
 resident memory of the process, and the memory the design predicts (one layer + hidden states).
 
+With ``--weight-step`` it measures instead what calibration adds to the quantization itself: the statistics
+are collected once (timed, reported apart), then the same checkpoint is converted with data-free
+round-to-nearest block scales, with the unweighted search and with block scales searched under the calibrated
+E[x^2] channel weights
+(``--scales mse-weighted`` with those weights given, so no forward pass is timed), each ``--repeat`` times
+(best time kept, the backend self-check excluded), and the ratio is printed.
+
 Examples::
 
     python benchmarks/calibration.py                                   # Llama-3.1-8B shape, 512 x 2048
     python benchmarks/calibration.py --shape tiny --samples 8 --seq-len 64 --device cpu    # dry run
+    python benchmarks/calibration.py --shape medium --samples 8 --seq-len 128 --device cpu --weight-step
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +36,8 @@ SHAPES = {
            "num_key_value_heads": 8, "vocab_size": 128256},
     "70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64,
             "num_key_value_heads": 8, "vocab_size": 128256},
+    "medium": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4, "num_attention_heads": 8,
+               "num_key_value_heads": 4, "vocab_size": 4096},
     "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
              "num_key_value_heads": 2, "vocab_size": 1024},
 }
@@ -108,6 +119,47 @@ def run(folder: Path, *, samples: int, seq_len: int, device: str, batch_tokens: 
     }
 
 
+def weight_step(folder: Path, out: Path, *, samples: int, seq_len: int, device: str, batch_tokens: int,
+                repeat: int, backend: str | None) -> dict:
+    """Conversion time with round-to-nearest block scales against the E[x^2]-weighted search (statistics given)."""
+    from nvfp4_convert import convert
+    from nvfp4_convert.calibration.collect import collect_statistics
+    from nvfp4_convert.calibration.data import CalibrationData
+    from nvfp4_convert.importance import FixedChannelWeights
+    from nvfp4_convert.plan import build_plan
+    from nvfp4_convert.recipes import load_recipe
+    from nvfp4_convert.sources import open_source
+
+    source = open_source(str(folder))
+    config = source.read_json("config.json")
+    plan = build_plan(config=config, headers=source.headers(), weight_map=source.weight_map,
+                      recipe=load_recipe(config=config))
+    ids = torch.randint(0, config["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(1))
+    data = CalibrationData(ids, dataset="random token ids", column=None, split=None)
+    start = time.perf_counter()
+    stats = collect_statistics(source=source, plan=plan, config=config, data=data, device=device, progress=False,
+                               batch_tokens=batch_tokens)
+    forward = time.perf_counter() - start
+    weights = FixedChannelWeights({m: s.second_moment for m, s in stats.items() if s.tokens})
+    runs: dict[str, list[float]] = {"rtn": [], "mse": [], "mse-weighted": []}
+    chosen = {}
+    for k in range(repeat):
+        for scales in runs:
+            target = out / f"{scales}-{k}"  # a fresh folder: a finished one would be resumed, i.e. skipped
+            start = time.perf_counter()
+            report = convert(str(folder), target, scales=scales, backend=backend, progress=False,
+                             channel_weights=weights if scales == "mse-weighted" else None, log=lambda _: None)
+            runs[scales].append(time.perf_counter() - start - report.check_seconds)
+            chosen[scales] = report.backend
+            shutil.rmtree(target)
+    best = {k: min(v) for k, v in runs.items()}
+    weight_bytes = sum(t.info.nbytes for t in plan.quantized.values())
+    return {"forward_seconds": forward, "rtn_seconds": best["rtn"], "mse_seconds": best["mse"],
+            "weighted_seconds": best["mse-weighted"], "ratio": best["mse-weighted"] / best["rtn"],
+            "runs": runs, "backends": chosen, "quantized_weight_bytes": weight_bytes,
+            "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
@@ -117,11 +169,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-tokens", type=int, default=16384)
     parser.add_argument("--work-dir", type=Path, default=None, help="where the random checkpoint is written")
+    parser.add_argument("--weight-step", action="store_true",
+                        help="compare conversion with rtn and with E[x^2]-weighted block scales (statistics given)")
+    parser.add_argument("--repeat", type=int, default=3, help="with --weight-step: runs of each (best kept)")
+    parser.add_argument("--backend", default=None, help="with --weight-step: force a quantize backend")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="nvfp4-calib-bench-", dir=args.work_dir) as tmp:
         start = time.perf_counter()
         folder = write_model(Path(tmp) / "model", SHAPES[args.shape], args.layers)
         print(f"wrote a random {args.shape}-shaped checkpoint in {time.perf_counter() - start:.1f} s")
+        if args.weight_step:
+            r = weight_step(folder, Path(tmp) / "out", samples=args.samples, seq_len=args.seq_len,
+                            device=args.device, batch_tokens=args.batch_tokens, repeat=args.repeat,
+                            backend=args.backend)
+            print(f"statistics of {args.samples} x {args.seq_len} tokens on {args.device}: "
+                  f"{r['forward_seconds']:.1f} s (not part of the ratio)")
+            print(f"conversion of {r['quantized_weight_bytes'] / 2**20:.0f} MiB of quantized weights, "
+                  f"{r['threads']} threads, best of {args.repeat}: rtn {r['rtn_seconds']:.2f} s "
+                  f"({r['backends']['rtn']}), unweighted search {r['mse_seconds']:.2f} s, E[x^2]-weighted search "
+                  f"{r['weighted_seconds']:.2f} s ({r['backends']['mse-weighted']}): {r['ratio']:.2f}x rtn")
+            print(json.dumps(r))
+            return
         result = run(folder, samples=args.samples, seq_len=args.seq_len, device=args.device,
                      batch_tokens=args.batch_tokens)
     p = result["predicted"]

@@ -14,11 +14,11 @@ from . import __version__, calibration, pipeline
 from .config_fields import read_model_config
 from .configs import hf_quant_config, quantized_model_config, safetensors_index
 from .errors import ConvertError
-from .importance import ChannelWeights, DataFreeProxy, FixedChannelWeights
+from .importance import ChannelWeights, DataFreeProxy
 from .kernels import Backend
 from .kernels.search import SCALE_MODES
 from .output import STATE_DIR, OutputDir, copy_atomic, write_json_atomic
-from .plan import EXPERT_MODULE, Plan, build_plan, check_not_quantized
+from .plan import Plan, build_plan, check_not_quantized
 from .publish import MODEL_CARD, card_license
 from .recipes import Recipe, load_recipe
 from .report import Report
@@ -270,17 +270,35 @@ def _write_shards(source: Source, plan: Plan, output: OutputDir, backend: Backen
             report.skipped_shards.append(shard.filename)
         else:
             todo.append(shard)
-    input_scales = None
     weighted = scales == "mse-weighted" and channel_weights is None
-    if data is not None and todo and (weighted or not plan.weight_only):
-        stats = _calibration_statistics(source, plan, config, data, output, progress=progress, log=log)
-        if not plan.weight_only:
-            input_scales = _calibrated_input_scales(plan, stats, headroom=headroom, log=log)
-        if weighted:  # activation-aware block scales: the error weighted by each input channel's E[x^2]
-            channel_weights = FixedChannelWeights({m: s.second_moment for m, s in stats.items()
-                                                   if s.tokens and m in plan.quantized})
-    pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress,
-                 input_scales=input_scales, scales=scales, channel_weights=channel_weights)
+    calibrated = data is not None and todo and (weighted or not plan.weight_only)
+    if not calibrated:
+        pipeline.run(source=source, plan=plan, output=output, shards=todo, backend=backend, progress=progress,
+                     scales=scales, channel_weights=channel_weights)
+        return
+    from .calibration.collect import LayerCalibration
+    from .calibration.values import CalibratedValues
+    from .sources.shared import SharedShards
+
+    # Each layer's modules are converted right after the layer is calibrated, from the shards calibration
+    # read: held until both have read them, each shard is acquired (downloaded) once.
+    shared = SharedShards(source)
+    calibration = LayerCalibration(source=shared.view("calibration"), plan=plan, config=config, data=data,
+                                   state_dir=output.path / STATE_DIR / "calibration", state_key=output.fingerprint,
+                                   progress=progress, log=log)
+    values = CalibratedValues(calibration, plan, headroom=headroom)
+    if weighted:  # activation-aware block scales: the error weighted by each input channel's E[x^2]
+        channel_weights = values
+    shared.claim("calibration", calibration.will_read)
+    shared.claim("conversion", pipeline.shards_read(plan, todo, channel_weights if scales == "mse-weighted" else None))
+    try:
+        pipeline.run(source=shared.view("conversion"), plan=plan, output=output, shards=todo, backend=backend,
+                     progress=progress, input_scales=None if plan.weight_only else values, scales=scales,
+                     channel_weights=channel_weights)
+    finally:
+        calibration.close()
+        shared.finish("calibration")
+    values.report(log, input_scales=not plan.weight_only)
 
 
 def _calibration_data(source: Source, dataset: str, *, samples: int, seq_len: int, column: str | None,
@@ -309,37 +327,6 @@ def _calibration_key(data, headroom: float) -> str | None:
     if data is None:
         return None
     return data.fingerprint() if headroom == 1.0 else f"{data.fingerprint()}:headroom={headroom!r}"
-
-
-def _calibration_statistics(source: Source, plan: Plan, config: dict, data, output: OutputDir, *, progress: bool,
-                            log: Callable[[str], None]) -> dict:
-    from .calibration.collect import collect_statistics, stats_summary
-
-    stats = collect_statistics(source=source, plan=plan, config=config, data=data,
-                               state_dir=output.path / STATE_DIR / "calibration", state_key=output.fingerprint,
-                               progress=progress, log=log)
-    log(f"calibration: {stats_summary(stats)}")
-    return stats
-
-
-def _calibrated_input_scales(plan: Plan, stats: dict, *, headroom: float = 1.0,
-                             log: Callable[[str], None]) -> dict[str, torch.Tensor]:
-    from .calibration.input_scales import calibrated_amax, input_scales, saturation_report
-
-    amax, unreached = calibrated_amax(plan, stats, headroom=headroom)
-    experts = [m for m in unreached if EXPERT_MODULE.match(m)]
-    others = [m for m in unreached if not EXPERT_MODULE.match(m)]
-    if experts:
-        log(f"calibration: {len(experts)} MoE experts got no token; they share their layer's maximum "
-            f"(as ModelOpt does), e.g. {experts[0]}")
-    if others:
-        log(f"warning: calibration never reached {len(others)} quantized Linears (input_scale from max|x| = 6), "
-            f"e.g. {others[0]}")
-    over = saturation_report(amax)
-    if over:
-        log(f"calibration: {len(over)} Linear inputs exceed 2688, which input_scale = 1.0 would saturate; "
-            f"largest {over[0]}")
-    return input_scales(amax)
 
 
 def _copied_files(source: Source) -> list[str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +53,18 @@ def unit_bytes(unit: Unit, plan: Plan) -> int:
     return total
 
 
+def shards_read(plan: Plan, shards: list[OutputShard], weights: ChannelWeights | None = None) -> set[str]:
+    """The source shards producing ``shards`` reads (``weights``: the weighted search's channel weights)."""
+    return {s for shard in shards for unit in shard.units for s in _sources(unit, plan, weights)}
+
+
 def run(*, source: Source, plan: Plan, output: OutputDir, shards: list[OutputShard], backend: Backend,
-        progress: bool = True, input_scales: dict[str, torch.Tensor] | None = None, scales: str = "rtn",
+        progress: bool = True, input_scales: Mapping[str, torch.Tensor] | None = None, scales: str = "rtn",
         channel_weights: ChannelWeights | None = None) -> None:
     """Produce ``shards`` (the plan's unfinished output shards) into ``output``.
 
-    ``input_scales`` are calibrated per-module values; without them every ``input_scale`` is 1.0.
+    ``input_scales`` are calibrated per-module values (only ``get`` is used, when the module is computed); without
+    them every ``input_scale`` is 1.0.
 
     With ``scales`` ``"mse"`` or ``"mse-weighted"`` block scales come from ``backend.search``; the weighted
     search asks ``channel_weights`` for each module's weights. Those may read other source tensors (a

@@ -400,3 +400,38 @@ def test_architectures_with_their_own_attention_or_embedding_buffers_calibrate(k
             log=lambda _: None)
     scales = {n: t for n, t in load_all(tmp_path / "out").items() if n.endswith(".input_scale")}
     assert len(scales) >= 14 and len({t.item() for t in scales.values()}) > 3
+
+
+@pytest.mark.parametrize("layout", ["gemma3", "qwen2_5_vl", "qwen2_5_vl_hub"])
+def test_vision_language_layouts_calibrate_as_the_full_model_runs(layout, model, text_file, tmp_path):
+    """Gemma 3 (Hub files: language_model.model.*) and Qwen2.5-VL (transformers 5's model.language_model.*, and
+    the Hub's model.*): the language model calibrates under the checkpoint's names, with the inputs a full
+    transformers forward gives each Linear."""
+    from functools import partial
+
+    import transformers
+
+    from tiny_models import _rename
+
+    src = model(layout.removesuffix("_hub"))
+    if layout == "qwen2_5_vl_hub":
+        _rename(src, {"model.language_model.": "model.", "model.visual.": "visual."})
+    convert(str(src), tmp_path / "out", calibrate=str(text_file), calib_samples=SAMPLES, calib_seq_len=SEQ_LEN,
+            progress=False, log=lambda _: None)
+    scales = {n[: -len(".input_scale")]: t for n, t in load_all(tmp_path / "out").items() if n.endswith(".input_scale")}
+    assert len(scales) == 14 and len({t.item() for t in scales.values()}) > 3
+
+    hf = transformers.AutoModelForImageTextToText.from_pretrained(src, dtype=torch.bfloat16)
+    names = {"gemma3": "language_model.model", "qwen2_5_vl": "model.language_model", "qwen2_5_vl_hub": "model"}
+    seen = {}
+
+    def record(module, _, args):
+        seen.setdefault(module, args[0].abs().amax().float())
+
+    for module in ("layers.0.self_attn.q_proj", "layers.1.mlp.down_proj"):
+        hf.model.language_model.get_submodule(module).register_forward_pre_hook(partial(record, module))
+    hf(input_ids=_ids(src, text_file, samples=SAMPLES, seq_len=SEQ_LEN).input_ids)
+    assert len(seen) == 2
+    for module, amax in seen.items():
+        name = f"{names[layout]}.{module}"
+        assert raw_bytes(scales[name]) == raw_bytes(global_scale(amax).reshape(())), name

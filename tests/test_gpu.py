@@ -261,6 +261,29 @@ def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
         assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "gpu" / name).read_bytes(), name
 
 
+def test_gpu_calibrated_hub_conversion_downloads_each_shard_once(tiny, fake_hub, tmp_path):
+    """--calibrate from a Hub repo with calibration and quantization on the GPU: one GET per shard, and the
+    bytes of the same GPU conversion from a folder."""
+    import shutil
+
+    from checks import snapshot
+    from nvfp4_convert import convert
+    from tiny_models import add_byte_tokenizer
+
+    pytest.importorskip("transformers")
+    src = add_byte_tokenizer(shutil.copytree(tiny("qwen3_moe"), tmp_path / "src"))
+    (tmp_path / "calib.txt").write_text("Calibration text: ordinary prose, numbers like 1234 and 3.14159. " * 20)
+    options = dict(calibrate=str(tmp_path / "calib.txt"), calib_samples=4, calib_seq_len=48, max_shard_size="30KB",
+                   progress=False, log=lambda _: None)
+    fake_hub.add_repo("org/tiny", src)
+    local = convert(str(src), tmp_path / "local", **options)
+    hub = convert("org/tiny", tmp_path / "hub", endpoint=fake_hub.url, work_dir=tmp_path / "work", **options)
+    assert local.backend == hub.backend != "cpu"
+    assert snapshot(tmp_path / "hub") == snapshot(tmp_path / "local")
+    gets = [r.path for r in fake_hub.requests if r.method == "GET" and r.path.endswith(".safetensors") and not r.range]
+    assert len(gets) == len(set(gets)) == len(list(src.glob("*.safetensors")))
+
+
 def test_cuda_bench_times_graphs_and_relates_to_copy(tmp_path):
     from nvfp4_convert.bench import run_bench
 

@@ -170,3 +170,95 @@ def test_corrupt_download_is_reported_as_such_and_nothing_made_from_it_is_kept(t
     convert("org/tiny", out, endpoint=fake_hub.url, max_shard_size="30KB", progress=False)
     convert(str(src), tmp_path / "local", max_shard_size="30KB", progress=False)
     assert snapshot(out) == snapshot(tmp_path / "local")
+
+
+def test_calibrated_hub_conversion_downloads_each_shard_once(tiny, fake_hub, tmp_path, monkeypatch):
+    """--calibrate from a Hub repo: calibration and conversion share each downloaded shard (one GET per shard,
+    a few shards on disk at a time), with the bytes of the same calibrated conversion from a folder; an
+    interrupted run resumes to the same bytes."""
+    import shutil
+
+    import pytest
+
+    from nvfp4_convert.calibration import collect, layers
+    from tiny_models import add_byte_tokenizer
+
+    pytest.importorskip("transformers")
+    src = add_byte_tokenizer(shutil.copytree(tiny("llama"), tmp_path / "src"))
+    (tmp_path / "calib.txt").write_text("Calibration text: ordinary prose, numbers like 1234 and 3.14159. " * 20)
+    options = dict(calibrate=str(tmp_path / "calib.txt"), calib_samples=2, calib_seq_len=48, scales="mse-weighted",
+                   max_shard_size="30KB", progress=False, log=lambda _: None)
+    fake_hub.add_repo("org/tiny", src)
+    convert(str(src), tmp_path / "local", **options)
+
+    work = tmp_path / "work"
+    on_disk = []
+    original = hub_module.HubSource.acquire
+
+    def watching_acquire(self, filename, **kwargs):
+        path = original(self, filename, **kwargs)
+        on_disk.append(len(list(work.glob("*.safetensors"))))
+        return path
+
+    monkeypatch.setattr(hub_module.HubSource, "acquire", watching_acquire)
+    convert("org/tiny", tmp_path / "hub", endpoint=fake_hub.url, work_dir=work, **options)
+    assert snapshot(tmp_path / "hub") == snapshot(tmp_path / "local")
+    gets = [r.path for r in fake_hub.requests if r.method == "GET" and r.path.endswith(".safetensors") and not r.range]
+    assert len(gets) == 7 and len(set(gets)) == 7, "a shard was downloaded twice"
+    assert len(on_disk) == 7 and max(on_disk) <= 3 and not list(work.glob("*.safetensors"))
+
+    monkeypatch.setattr(collect, "CHECKPOINT_SECONDS", 0.0)
+    free, calls = layers.free, []
+
+    def interrupt_in_layer_1(module):
+        free(module)
+        calls.append(module)
+        if len(calls) == 3:  # the embedding, layer 0, then layer 1
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(layers, "free", interrupt_in_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        convert("org/tiny", tmp_path / "resumed", endpoint=fake_hub.url, work_dir=work, **options)
+    monkeypatch.setattr(layers, "free", free)
+    convert("org/tiny", tmp_path / "resumed", endpoint=fake_hub.url, work_dir=work, **options)
+    assert snapshot(tmp_path / "resumed") == snapshot(tmp_path / "local")
+
+
+def test_shared_shards_are_acquired_once_and_released_when_no_reader_claims_them():
+    from nvfp4_convert.sources.shared import SharedShards
+
+    class Counting:
+        description = "counting"
+
+        def __init__(self):
+            self.calls = []
+
+        def acquire(self, name, *, checked=True):
+            self.calls.append(("acquire", name))
+            return Path(name)
+
+        def check(self, name):
+            self.calls.append(("check", name))
+
+        def release(self, name):
+            self.calls.append(("release", name))
+
+        def prefetch(self, name):
+            self.calls.append(("prefetch", name))
+
+    source = Counting()
+    shared = SharedShards(source)
+    later = {"b"}  # what the second reader still has to read, as it keeps it itself
+    shared.claim("first", {"a", "b"})
+    shared.claim("second", lambda s: s in later)
+    first, second = shared.view("first"), shared.view("second")
+    assert first.description == "counting"
+    first.acquire("a"), first.acquire("b"), first.release("a")
+    assert source.calls[-1] == ("release", "a")
+    first.release("b")  # the second reader will read it: kept
+    second.prefetch("b")
+    assert second.acquire("b") == Path("b") and ("release", "b") not in source.calls
+    later.clear()
+    second.release("b")
+    # the second reader's checked acquire of a held shard waits for its data check
+    assert source.calls == [("acquire", "a"), ("acquire", "b"), ("release", "a"), ("check", "b"), ("release", "b")]

@@ -115,12 +115,25 @@ class Observer(TorchFunctionMode):
                 s.tokens += flat.shape[0]
 
 
-def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationData, device: str | None = None,
-                       state_dir: Path | None = None, state_key: str = "", progress: bool = True,
-                       checkpoint_seconds: float | None = None, batch_tokens: int = BATCH_TOKENS,
-                       modules: set[str] | None = None, observer: Callable[..., Observer] = Observer,
-                       log: Callable[[str], None] = print) -> dict[str, LinearStats]:
-    """Run ``data`` through the source model layer by layer and return each quantized Linear's statistics.
+def collect_statistics(**options) -> dict:
+    """Run the data through the source model layer by layer and return each quantized Linear's statistics.
+
+    Takes :class:`LayerCalibration`'s arguments; the result maps each observed module to what its
+    observer's ``stats`` holds (:class:`LinearStats` by default).
+    """
+    calibration = LayerCalibration(**options)
+    try:
+        calibration.run_through(calibration.count - 1)
+        return calibration.statistics()
+    finally:
+        calibration.close()
+
+
+class LayerCalibration:
+    """Activation statistics, collected one decoder layer at a time as far as they are asked for.
+
+    :meth:`run_through` runs the layers up to the one asked for, so a conversion can quantize the modules of
+    each layer as soon as that layer is calibrated, while its source shards are still there.
 
     Args:
         source: the checkpoint (its shards are acquired one decoder layer at a time).
@@ -135,80 +148,141 @@ def collect_statistics(*, source, plan: Plan, config: dict, data: CalibrationDat
         batch_tokens: tokens per forward batch.
         modules: the Linears to observe (default: the plan's quantized ones).
         observer: what observes them (``observer(layer, rows, modules, layer_index)``); the default records
-            :class:`LinearStats`, and the result maps each module to what its observer's ``stats`` holds.
+            :class:`LinearStats`.
     """
-    checkpoint_seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = _model_dtype(plan)
-    model = L.build_skeleton(config, dtype=dtype, where=source.description)
-    prefix, owner, layer_list = L.decoder_layers(model)
-    count = model.config.get_text_config().num_hidden_layers
-    by_layer, outside = _tensors_by_layer(plan, prefix, count, where=source.description)
-    store = _StatsStore(state_dir, f"{state_key}:{data.fingerprint()}", count) if state_dir is not None else None
 
-    done = store.finished_layers() if store else {}
-    if len(done) == count:
-        return {m: s for layer in done.values() for m, s in layer.items()}
-    start, hidden = store.hidden() if store else (0, None)
-    done = {i: s for i, s in done.items() if i < start}
+    def __init__(self, *, source, plan: Plan, config: dict, data: CalibrationData, device: str | None = None,
+                 state_dir: Path | None = None, state_key: str = "", progress: bool = True,
+                 checkpoint_seconds: float | None = None, batch_tokens: int = BATCH_TOKENS,
+                 modules: set[str] | None = None, observer: Callable[..., Observer] = Observer,
+                 log: Callable[[str], None] = print):
+        self.source, self.plan, self.data, self.progress, self.observer = source, plan, data, progress, observer
+        self.checkpoint_seconds = CHECKPOINT_SECONDS if checkpoint_seconds is None else checkpoint_seconds
+        self.batch_tokens, self.modules = batch_tokens, modules
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = _model_dtype(plan)
+        self.model = L.build_skeleton(config, dtype=self.dtype, where=source.description)
+        self.prefix, self.owner, self.layers = L.decoder_layers(self.model)
+        self.count = self.model.config.get_text_config().num_hidden_layers
+        self.by_layer, self.outside = _tensors_by_layer(plan, L.own_names(self.model, list(plan.tensors)),
+                                                        self.prefix, self.count, where=source.description)
+        self.store = _StatsStore(state_dir, f"{state_key}:{data.fingerprint()}", self.count) \
+            if state_dir is not None else None
+        self.done: dict[int, dict] = self.store.finished_layers() if self.store else {}
+        self.start, self._hidden = 0, None
+        if len(self.done) < self.count:
+            self.start, self._hidden = self.store.hidden() if self.store else (0, None)
+            self.done = {i: st for i, st in self.done.items() if i < self.start}
+        self.next_layer = self.start if len(self.done) < self.count else self.count
+        self._layer_of = {n.removesuffix(".weight"): i for i, names in enumerate(self.by_layer) for n in names}
+        self._last_layer: dict[str, int] = {}  # source shard -> the last layer reading it
+        for i, names in enumerate(self.by_layer):
+            for n in names:
+                for r in plan.reads(n):
+                    self._last_layer[plan.tensors[r].shard] = i
+        self._outside = {plan.tensors[r].shard for n in self.outside for r in plan.reads(n)}
+        self._embedded, self._reading = False, self.next_layer  # the first layer whose weights are still to read
+        self._steps = self._run()
 
-    shards = _Shards(source, plan)
-    batch = max(1, min(data.samples, batch_tokens // data.seq_len))
-    batches = [slice(b, min(b + batch, data.samples)) for b in range(0, data.samples, batch)]
-    bar = tqdm(total=count, initial=start, unit="layer", desc="calibrating", disable=not progress,
-               dynamic_ncols=True)
-    try:
-        # Embeddings (and whatever runs before the first layer) and each layer's keyword arguments.
-        L.load_into(model, shards.tensors(outside), dtype=dtype, device=dev)
+    def layer_of(self, module: str) -> int | None:
+        """The decoder layer holding ``module`` (None: not in a calibrated layer)."""
+        return self._layer_of.get(module)
+
+    def will_read(self, shard: str) -> bool:
+        """Whether calibration has still to read source shard ``shard``."""
+        if self.next_layer >= self.count:
+            return False
+        return self._last_layer.get(shard, -1) >= self._reading or not self._embedded and shard in self._outside
+
+    def run_through(self, layer: int) -> None:
+        """Run the decoder layers up to ``layer`` (those already run are not run again)."""
+        while self.next_layer <= layer:
+            next(self._steps)
+
+    def statistics(self) -> dict:
+        """What the observers recorded, for every layer run (or resumed) so far."""
+        return {m: st for i in sorted(self.done) for m, st in self.done[i].items()}
+
+    def close(self) -> None:
+        """Release what is held (the statistics stay)."""
+        self._steps.close()
+
+    def _run(self):
+        """Runs one decoder layer per step (after the embeddings, with the first)."""
+        plan, data, dev, dtype, model, count = self.plan, self.data, self.device, self.dtype, self.model, self.count
+        shards = _Shards(self.source, plan, self._last_layer)
+        batch = max(1, min(data.samples, self.batch_tokens // data.seq_len))
+        batches = [slice(b, min(b + batch, data.samples)) for b in range(0, data.samples, batch)]
+        bar = tqdm(total=count, initial=self.start, unit="layer", desc="calibrating", disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            kwargs_by_size, hidden = self._embed(shards, batches)
+            self._embedded = True
+            shards.release_done(self.start - 1)
+            last_checkpoint = time.monotonic()
+            for i in range(self.start, count):
+                layer = self.layers[i]
+                weights = shards.tensors(self.by_layer[i])
+                L.load_into(model, weights, dtype=dtype, device=dev)
+                L.to_device(layer, dev)
+                held = {n.removesuffix(".weight") for n in self.by_layer[i]}
+                wanted = {m for m in (plan.quantized if self.modules is None else self.modules) if m in held}
+                rows = L.checkpoint_rows(model, f"{self.prefix}.{i}", layer, list(weights))
+                watching = self.observer(layer, rows, wanted, i)
+                del weights
+                with torch.no_grad(), watching:
+                    for b in batches:
+                        out = layer(hidden[b], **kwargs_by_size[b.stop - b.start][i])
+                        hidden[b] = out[0] if isinstance(out, tuple) else out
+                L.free(layer)
+                self._reading = i + 1
+                shards.release_done(i)
+                _check_finite(watching.stats)
+                for st in watching.stats.values():  # statistics are small: kept on the CPU, whatever the device
+                    if isinstance(st, LinearStats):
+                        st.amax, st.sumsq = st.amax.cpu(), st.sumsq.cpu()
+                self.done[i] = watching.stats
+                if self.store:
+                    self.store.save_layer(i, watching.stats)
+                    if i + 1 == count:
+                        self.store.drop_hidden()
+                    elif time.monotonic() - last_checkpoint >= self.checkpoint_seconds:
+                        self.store.save_hidden(i + 1, hidden)
+                        last_checkpoint = time.monotonic()
+                bar.update(1)
+                self.next_layer = i + 1
+                yield i
+        finally:
+            bar.close()
+            shards.release_all()
+
+    def _embed(self, shards: _Shards, batches: list[slice]) -> tuple[dict[int, list[dict]], torch.Tensor]:
+        """Embed the samples (what runs before the first layer reads only what it needs) and record each
+        layer's keyword arguments per batch size; resuming, the hidden states come from the checkpoint."""
+        model, dev, data = self.model, self.device, self.data
+
+        def load(names: list[str]) -> None:
+            L.load_into(model, shards.tensors(names), dtype=self.dtype, device=dev)
+            L.to_device(model, dev)
+
         L.to_device(model, dev)
         kwargs_by_size: dict[int, list[dict]] = {}
-        fresh = hidden is None
-        hidden = None if fresh else hidden.to(dev)
-        for b in batches:
-            ids = data.input_ids[b].to(dev)
-            h, kwargs = L.layer_inputs(owner, layer_list, ids, count)
-            kwargs_by_size.setdefault(ids.shape[0], kwargs)
-            if fresh:
-                if hidden is None:  # filled batch by batch: the samples' hidden states exist once
-                    hidden = torch.empty((data.samples, *h.shape[1:]), dtype=h.dtype, device=h.device)
-                hidden[b] = h
-            elif len(kwargs_by_size) == len({s.stop - s.start for s in batches}):
-                break  # resuming: only each batch size's keyword arguments are needed
+        fresh = self._hidden is None
+        hidden = None if fresh else self._hidden.to(dev)
+        self._hidden = None
+        with L.loaded_on_call(model, self.outside, load):
+            for b in batches:
+                ids = data.input_ids[b].to(dev)
+                h, kwargs = L.layer_inputs(self.owner, self.layers, ids, self.count)
+                kwargs_by_size.setdefault(ids.shape[0], kwargs)
+                if fresh:
+                    if hidden is None:  # filled batch by batch: the samples' hidden states exist once
+                        hidden = torch.empty((data.samples, *h.shape[1:]), dtype=h.dtype, device=h.device)
+                    hidden[b] = h
+                elif len(kwargs_by_size) == len({s.stop - s.start for s in batches}):
+                    break  # resuming: only each batch size's keyword arguments are needed
         L.free(model)
-        shards.release_all()
-
-        last_checkpoint = time.monotonic()
-        for i in range(start, count):
-            layer = layer_list[i]
-            weights = shards.tensors(by_layer[i])
-            L.load_into(model, weights, dtype=dtype, device=dev)
-            L.to_device(layer, dev)
-            wanted = {m for m in (plan.quantized if modules is None else modules) if m.startswith(f"{prefix}.{i}.")}
-            watching = observer(layer, L.checkpoint_rows(model, f"{prefix}.{i}", layer, list(weights)), wanted, i)
-            del weights
-            with torch.no_grad(), watching:
-                for b in batches:
-                    out = layer(hidden[b], **kwargs_by_size[b.stop - b.start][i])
-                    hidden[b] = out[0] if isinstance(out, tuple) else out
-            L.free(layer)
-            shards.release_unneeded(by_layer[i + 1] if i + 1 < count else [])
-            _check_finite(watching.stats)
-            for st in watching.stats.values():  # statistics are small: kept on the CPU, whatever the device
-                if isinstance(st, LinearStats):
-                    st.amax, st.sumsq = st.amax.cpu(), st.sumsq.cpu()
-            done[i] = watching.stats
-            if store:
-                store.save_layer(i, watching.stats)
-                if time.monotonic() - last_checkpoint >= checkpoint_seconds and i + 1 < count:
-                    store.save_hidden(i + 1, hidden)
-                    last_checkpoint = time.monotonic()
-            bar.update(1)
-    finally:
-        bar.close()
-        shards.release_all()
-    if store:
-        store.drop_hidden()
-    return {m: s for layer in done.values() for m, s in layer.items()}
+        return kwargs_by_size, hidden
 
 
 def _model_dtype(plan: Plan) -> torch.dtype:
@@ -219,21 +293,26 @@ def _model_dtype(plan: Plan) -> torch.dtype:
     return TORCH_DTYPES[max(counts, key=counts.get)] if counts else torch.bfloat16
 
 
-def _tensors_by_layer(plan: Plan, prefix: str, count: int, *, where: str) -> tuple[list[list[str]], list[str]]:
-    """Source tensor names of each decoder layer, and those needed before the first (not the head)."""
+def _tensors_by_layer(plan: Plan, own: dict[str, str], prefix: str, count: int, *, where: str
+                      ) -> tuple[list[list[str]], list[str]]:
+    """Source tensor names of each decoder layer, and those needed before the first (not the head).
+
+    ``own`` maps each checkpoint name to the model's (``prefix`` is the model's name of its decoder layers).
+    """
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.")
     by_layer: list[list[str]] = [[] for _ in range(count)]
     outside: list[str] = []
     for name in plan.tensors:
-        if m := pattern.match(name):
+        if m := pattern.match(own[name]):
             if int(m[1]) < count:
                 by_layer[int(m[1])].append(name)
-        elif not name.startswith("lm_head."):
+        elif not own[name].startswith("lm_head."):
             outside.append(name)
     if not all(by_layer):
         missing = next(i for i, names in enumerate(by_layer) if not names)
-        raise ConvertError(f"the checkpoint has no tensors for decoder layer {missing} ({prefix}.{missing}.*)",
-                           where=where, fix="Check that config.json matches the weights")
+        raise ConvertError(f"the checkpoint has no tensors for decoder layer {missing} ({prefix}.{missing}.*, "
+                           "or a layout transformers renames to it)", where=where,
+                           fix="Check that config.json matches the weights")
     return by_layer, outside
 
 
@@ -246,10 +325,10 @@ def _check_finite(stats: dict[str, LinearStats]) -> None:
 
 
 class _Shards:
-    """Source shards held for the layer being loaded (released when the next layer no longer needs them)."""
+    """Source shards held while calibration reads them: each is released after the last layer reading it."""
 
-    def __init__(self, source, plan: Plan):
-        self.source, self.plan = source, plan
+    def __init__(self, source, plan: Plan, last_layer: dict[str, int]):
+        self.source, self.plan, self.last_layer = source, plan, last_layer
         self.held: dict[str, Path] = {}
         self.fp8_scales = {w.scale for w in plan.fp8.values()}
 
@@ -275,14 +354,16 @@ class _Shards:
             out[name] = tensor
         return out
 
-    def release_unneeded(self, upcoming: list[str]) -> None:
-        keep = {self.plan.tensors[n].shard for n in upcoming}
-        for shard in [s for s in self.held if s not in keep]:
+    def release_done(self, layer: int) -> None:
+        """Release the shards no layer after ``layer`` reads."""
+        for shard in [s for s in self.held if self.last_layer.get(s, -1) <= layer]:
             self.source.release(shard)
             del self.held[shard]
 
     def release_all(self) -> None:
-        self.release_unneeded([])
+        for shard in list(self.held):
+            self.source.release(shard)
+            del self.held[shard]
 
 
 class _StatsStore:

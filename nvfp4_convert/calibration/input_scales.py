@@ -24,20 +24,23 @@ UNCALIBRATED_AMAX = E2M1_MAX  # ModelOpt's maxbound, used for an amax of zero
 SATURATION_AT_ONE = E2M1_MAX * E4M3_MAX  # with input_scale = 1.0, activations above this saturate
 
 
-def calibrated_amax(plan: Plan, stats: dict[str, LinearStats], *, headroom: float = 1.0
-                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+def calibrated_amax(plan: Plan, stats: dict[str, LinearStats], *, headroom: float = 1.0,
+                    modules: set[str] | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Each quantized module's input amax after expert and fusion-group sharing, and the modules no token reached.
 
-    ``headroom`` multiplies every amax (1.0 is ModelOpt's value, needed for byte equality).
+    ``headroom`` multiplies every amax (1.0 is ModelOpt's value, needed for byte equality). ``modules`` limits
+    this to some quantized modules (e.g. one decoder layer's, whose experts and fused groups it holds whole).
     """
-    amax = {m: s.amax.float().reshape(()) for m, s in stats.items() if m in plan.quantized and s.tokens}
+    quantized = plan.quantized if modules is None else [m for m in plan.quantized if m in modules]
+    amax = {m: s.amax.float().reshape(()) for m, s in stats.items()
+            if m in plan.quantized and (modules is None or m in modules) and s.tokens}
     experts: dict[tuple[str, str], torch.Tensor] = {}
     for m, a in amax.items():
         if e := EXPERT_MODULE.match(m):
             key = (e["layer"], e["leaf"])
             experts[key] = torch.maximum(experts[key], a) if key in experts else a
     unreached = []
-    for m in plan.quantized:
+    for m in quantized:
         if e := EXPERT_MODULE.match(m):
             if m not in amax:
                 unreached.append(m)
@@ -47,6 +50,8 @@ def calibrated_amax(plan: Plan, stats: dict[str, LinearStats], *, headroom: floa
             unreached.append(m)
     shared: dict[str, torch.Tensor] = {}
     for group in plan.groups:
+        if modules is not None and group[0] not in modules:
+            continue
         values = [amax[m] for m in group if m in amax]
         top = torch.stack(values).amax() if values else torch.tensor(0.0)
         if top == 0:

@@ -11,7 +11,8 @@ would.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -20,9 +21,13 @@ from ..errors import ConvertError
 
 
 def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
-    """A causal LM for ``config`` with every parameter on the meta device (buffers real, on the CPU)."""
+    """A causal LM for ``config`` with every parameter on the meta device (buffers real, on the CPU).
+
+    A vision-language model transformers has no causal-LM class for (Qwen2.5-VL) is built as its
+    image-text-to-text model, whose language model is run on text alone.
+    """
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     transformers.utils.logging.disable_progress_bar()
     model_type = config.get("model_type")
@@ -35,8 +40,11 @@ def build_skeleton(config: dict, *, dtype: torch.dtype, where: str):
                            where=f"{where}/config.json",
                            fix="Calibration needs an architecture transformers ships; convert without --calibrate"
                            ) from exc
+    auto = AutoModelForCausalLM
+    if type(hf_config) not in auto._model_mapping and type(hf_config) in AutoModelForImageTextToText._model_mapping:
+        auto = AutoModelForImageTextToText
     try:
-        model = _from_config(AutoModelForCausalLM, hf_config, dtype=dtype)
+        model = _from_config(auto, hf_config, dtype=dtype)
     except Exception as exc:
         raise ConvertError(f"transformers cannot build a causal LM for model type {model_type!r} "
                            f"({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})",
@@ -118,14 +126,68 @@ def decoder_layers(model) -> tuple[str, nn.Module, nn.ModuleList]:
                        fix="Convert without --calibrate")
 
 
+def own_names(model, names: list[str]) -> dict[str, str]:
+    """Each checkpoint tensor name as the model names it, by transformers' own load-time renamings.
+
+    Checkpoints of one architecture come in several layouts (Gemma 3's Hub files hold
+    ``language_model.model.layers.*``, Qwen2.5-VL's ``model.layers.*``, and transformers 5 builds both as
+    ``model.language_model.layers.*``); names no renaming applies to stay as they are.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: checkpoint names are the model's own
+        return {n: n for n in names}
+    renamings = [r for r in get_model_conversion_mapping(model) if isinstance(r, WeightRenaming)]
+    own = model.state_dict(keep_vars=True)
+    out = {}
+    for name in names:
+        renamed, _ = rename_source_key(name, renamings, [], model.base_model_prefix, own)
+        out[name] = renamed if renamed in own or name not in own else name
+    return out
+
+
+@contextlib.contextmanager
+def loaded_on_call(model, names: list[str], load: Callable[[list[str]], None]) -> Iterator[None]:
+    """While the block runs, ``load`` loads each module's tensors among ``names`` (checkpoint names) just
+    before its first forward, so what the model never runs (its final norm, a vision tower) is never read.
+    Tensors not named as the model's own are loaded up front."""
+    renamed = own_names(model, names)
+    state = model.state_dict(keep_vars=True)
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        if renamed[name] in state:
+            by_module.setdefault(renamed[name].rpartition(".")[0], []).append(name)
+    if eager := [n for n in names if renamed[n] not in state]:
+        load(eager)
+    handles = []
+
+    def hook(group: list[str], module, args) -> None:
+        if group:
+            load(list(group))
+            group.clear()
+
+    for path, group in by_module.items():
+        module = model.get_submodule(path) if path else model
+        handles.append(module.register_forward_pre_hook(functools.partial(hook, group)))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def load_into(model, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, device: torch.device) -> None:
     """Load source tensors (checkpoint names) into ``model`` on ``device``.
 
-    Tensors named and shaped as the model's own parameters and buffers are assigned directly (PyTorch's
-    ``load_state_dict``); the others go through transformers' checkpoint conversion (fused MoE experts).
+    Tensors that are, once renamed as transformers loads them (:func:`own_names`), named and shaped as the
+    model's own parameters and buffers are assigned directly (PyTorch's ``load_state_dict``); the others go
+    through transformers' checkpoint conversion (fused MoE experts).
     """
     own = model.state_dict(keep_vars=True)
-    direct = {n: t for n, t in tensors.items() if n in own and tuple(own[n].shape) == tuple(t.shape)}
+    names = own_names(model, list(tensors))
+    direct = {names[n]: t for n, t in tensors.items()
+              if names[n] in own and tuple(own[names[n]].shape) == tuple(t.shape)}
     if direct:
         floating = {n: t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
                     for n, t in direct.items()}
@@ -134,7 +196,7 @@ def load_into(model, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype, de
             raise ConvertError(f"transformers could not load these weights into the model "
                                f"({', '.join(sorted(result.unexpected_keys)[:3])})", where="calibration",
                                fix="Check that config.json matches the weights")
-    rest = {n: t for n, t in tensors.items() if n not in direct}
+    rest = {n: t for n, t in tensors.items() if names[n] not in direct}
     if rest:
         _load_converted(model, rest, dtype=dtype)
 
@@ -183,18 +245,20 @@ def free(module: nn.Module) -> None:
 def checkpoint_rows(model, prefix: str, layer: nn.Module, names: list[str]) -> dict[str, tuple[str, int, int]]:
     """Where each checkpoint weight of a layer lives: ``name -> (parameter, first row, rows)``.
 
-    ``names`` are the layer's checkpoint tensors. When all are named as the layer's own parameters and buffers,
-    each weight is its parameter. Otherwise transformers' save-time conversion (the inverse of its load-time
-    one) turns the layer's parameters back
-    into checkpoint tensors, splitting fused ones (e.g. stacked experts). It is run on tensors holding each
-    parameter row's index (one column, so it costs nothing), which tells which rows of which parameter
+    ``names`` are the layer's checkpoint tensors. When all are named (once renamed, see :func:`own_names`) as
+    the layer's own parameters and buffers, each weight is its parameter. Otherwise transformers' save-time
+    conversion (the inverse of its load-time one) turns the layer's parameters back into checkpoint tensors,
+    splitting fused ones (e.g. stacked experts). It is run on tensors holding each parameter row's index (one
+    column, so it costs nothing), which tells which rows of which parameter
     every checkpoint tensor is made of.
     """
     params = [(n, p) for n, p in layer.named_parameters() if p.dim() >= 2]
     own = {f"{prefix}.{n}": (n, p) for n, p in params}
     state = layer.state_dict(keep_vars=True)
-    if all(n[len(prefix) + 1:] in state for n in names):
-        return {n: (own[n][0], 0, own[n][1].numel() // own[n][1].shape[-1]) for n in names if n in own}
+    renamed = own_names(model, names)
+    if all(renamed[n].startswith(f"{prefix}.") and renamed[n][len(prefix) + 1:] in state for n in names):
+        return {n: (own[r][0], 0, own[r][1].numel() // own[r][1].shape[-1]) for n in names
+                if (r := renamed[n]) in own}
     from transformers.core_model_loading import revert_weight_conversion
 
     codes = {f"{prefix}.{n}": (torch.arange(p.numel() // p.shape[-1], dtype=torch.float64) + i * 2.0**40)
