@@ -38,6 +38,7 @@ except ImportError:  # the backend reports itself unavailable
 CONFIG = {
     "block_r": 4, "block_b": 32, "num_warps": 4, "programs_per_sm": 32,
     "amax_block": 1024, "amax_iters": 16, "amax_warps": 8, "exact_div": False, "hw_fp8": True, "simd16": True,
+    "search_blocks": 64, "search_warps": 2,  # search: blocks per program (one per lane), warps per program
 }
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -46,6 +47,7 @@ _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 if triton is not None:
     _INV_GLOBAL = tl.constexpr(INV_GLOBAL)  # a float32 value, so the product is rounded once, as in common
     _GLOBAL_SCALE_MIN = tl.constexpr(GLOBAL_SCALE_MIN)
+    _INF = tl.constexpr(float("inf"))
 
     @triton.jit(do_not_specialize=["n"])  # one compiled kernel for every tensor size
     def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -309,6 +311,221 @@ if triton is not None:
             w0, w1 = n0, n1
 
 
+    # -- the block-scale search (mse / mse-weighted) --------------------------------------------------------
+    # The arithmetic is :mod:`.search`'s; the visiting order and its exact pruning are those of
+    # :func:`.numba_kernels.search_block`, lane by lane: each lane holds one block as 16 scalars, so every sum
+    # is written out in the reference's order, and the kernel is compiled without FP contraction
+    # (``enable_fp_fusion=False``), so each step rounds once as in the reference.
+
+    @triton.jit
+    def _grid_values(s):
+        """``fl(g * s)`` for the eight E2M1 magnitudes ``g``: the ``q * s`` of every code."""
+        return tl.zeros_like(s), 0.5 * s, s, 1.5 * s, 2.0 * s, 3.0 * s, 4.0 * s, 6.0 * s
+
+    @triton.jit
+    def _sq_err(a, h, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED: tl.constexpr):
+        """``h * (a - q * s)^2``, ``q * s`` picked from the grid values ``v`` by the thresholds ``t`` of ``s``."""
+        qs = tl.where(a <= t0, v0, tl.where(a <= t1, v1, tl.where(a <= t2, v2, tl.where(
+            a <= t3, v3, tl.where(a <= t4, v4, tl.where(a <= t5, v5, tl.where(a <= t6, v6, v7)))))))
+        e = a - qs
+        if WEIGHTED:
+            return (e * e) * h
+        else:
+            return e * e
+
+    @triton.jit
+    def _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+              h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+              s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED: tl.constexpr):
+        """Loss of each lane's block ``a`` (``|w|``, weights ``h``) at scale ``s``, summed as :func:`.search.block_sum`."""
+        v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+        d0 = _sq_err(a0, h0, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d1 = _sq_err(a1, h1, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d2 = _sq_err(a2, h2, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d3 = _sq_err(a3, h3, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d4 = _sq_err(a4, h4, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d5 = _sq_err(a5, h5, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d6 = _sq_err(a6, h6, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d7 = _sq_err(a7, h7, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d8 = _sq_err(a8, h8, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d9 = _sq_err(a9, h9, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d10 = _sq_err(a10, h10, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d11 = _sq_err(a11, h11, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d12 = _sq_err(a12, h12, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d13 = _sq_err(a13, h13, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d14 = _sq_err(a14, h14, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        d15 = _sq_err(a15, h15, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        r0 = d0 + d8
+        r1 = d1 + d9
+        r2 = d2 + d10
+        r3 = d3 + d11
+        r4 = d4 + d12
+        r5 = d5 + d13
+        r6 = d6 + d14
+        r7 = d7 + d15
+        return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+
+    @triton.jit
+    def _candidate(cands_ptr, thr_ptr, j, on):
+        """Scale ``s_j`` of each lane's candidate ``j`` and its seven thresholds."""
+        t = thr_ptr + j * 7
+        return (tl.load(cands_ptr + j, mask=on, other=1.0), tl.load(t, mask=on, other=0.0),
+                tl.load(t + 1, mask=on, other=0.0), tl.load(t + 2, mask=on, other=0.0),
+                tl.load(t + 3, mask=on, other=0.0), tl.load(t + 4, mask=on, other=0.0),
+                tl.load(t + 5, mask=on, other=0.0), tl.load(t + 6, mask=on, other=0.0))
+
+    @triton.jit
+    def _abs_pair(words, KIND: tl.constexpr):
+        lo, hi = _decode(words, KIND)
+        return tl.abs(lo), tl.abs(hi)
+
+    @triton.jit(do_not_specialize=["nblocks", "nblk"])
+    def _search_kernel(w_ptr, h_ptr, cands_ptr, thr_ptr, sbytes_ptr, divs_ptr, packed_ptr, scales_ptr, nblocks, nblk,
+                       KIND: tl.constexpr, WEIGHTED: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
+        """Blocks ``NB * pid ..`` of the row-major ``[R, K]`` weight: the winning candidate of each, its scale
+        byte, and the block's codes under that candidate's divisor (as ``_quantize_kernel`` packs them)."""
+        b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+        on = b < nblocks
+        wp = w_ptr + b * 8  # a block is 8 words of two elements each
+        w0 = tl.load(wp, mask=on, other=0)
+        w1 = tl.load(wp + 1, mask=on, other=0)
+        w2 = tl.load(wp + 2, mask=on, other=0)
+        w3 = tl.load(wp + 3, mask=on, other=0)
+        w4 = tl.load(wp + 4, mask=on, other=0)
+        w5 = tl.load(wp + 5, mask=on, other=0)
+        w6 = tl.load(wp + 6, mask=on, other=0)
+        w7 = tl.load(wp + 7, mask=on, other=0)
+        a0, a1 = _abs_pair(w0, KIND)
+        a2, a3 = _abs_pair(w1, KIND)
+        a4, a5 = _abs_pair(w2, KIND)
+        a6, a7 = _abs_pair(w3, KIND)
+        a8, a9 = _abs_pair(w4, KIND)
+        a10, a11 = _abs_pair(w5, KIND)
+        a12, a13 = _abs_pair(w6, KIND)
+        a14, a15 = _abs_pair(w7, KIND)
+        if WEIGHTED:
+            hp = h_ptr + (b % nblk) * 16
+            h0 = tl.load(hp + 0, mask=on, other=1.0)
+            h1 = tl.load(hp + 1, mask=on, other=1.0)
+            h2 = tl.load(hp + 2, mask=on, other=1.0)
+            h3 = tl.load(hp + 3, mask=on, other=1.0)
+            h4 = tl.load(hp + 4, mask=on, other=1.0)
+            h5 = tl.load(hp + 5, mask=on, other=1.0)
+            h6 = tl.load(hp + 6, mask=on, other=1.0)
+            h7 = tl.load(hp + 7, mask=on, other=1.0)
+            h8 = tl.load(hp + 8, mask=on, other=1.0)
+            h9 = tl.load(hp + 9, mask=on, other=1.0)
+            h10 = tl.load(hp + 10, mask=on, other=1.0)
+            h11 = tl.load(hp + 11, mask=on, other=1.0)
+            h12 = tl.load(hp + 12, mask=on, other=1.0)
+            h13 = tl.load(hp + 13, mask=on, other=1.0)
+            h14 = tl.load(hp + 14, mask=on, other=1.0)
+            h15 = tl.load(hp + 15, mask=on, other=1.0)
+        else:  # unused
+            h0 = a0
+            h1 = a1
+            h2 = a2
+            h3 = a3
+            h4 = a4
+            h5 = a5
+            h6 = a6
+            h7 = a7
+            h8 = a8
+            h9 = a9
+            h10 = a10
+            h11 = a11
+            h12 = a12
+            h13 = a13
+            h14 = a14
+            h15 = a15
+        xm = tl.maximum(tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)),
+                                   tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
+                        tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)),
+                                   tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))))
+        hm = h15  # the weight of the first largest element: its term bounds the loss from below
+        hm = tl.where(a14 == xm, h14, hm)
+        hm = tl.where(a13 == xm, h13, hm)
+        hm = tl.where(a12 == xm, h12, hm)
+        hm = tl.where(a11 == xm, h11, hm)
+        hm = tl.where(a10 == xm, h10, hm)
+        hm = tl.where(a9 == xm, h9, hm)
+        hm = tl.where(a8 == xm, h8, hm)
+        hm = tl.where(a7 == xm, h7, hm)
+        hm = tl.where(a6 == xm, h6, hm)
+        hm = tl.where(a5 == xm, h5, hm)
+        hm = tl.where(a4 == xm, h4, hm)
+        hm = tl.where(a3 == xm, h3, hm)
+        hm = tl.where(a2 == xm, h2, hm)
+        hm = tl.where(a1 == xm, h1, hm)
+        hm = tl.where(a0 == xm, h0, hm)
+        # the first candidate with 6 s >= xm
+        lo = tl.zeros([NB], dtype=tl.int32)
+        hi = tl.full([NB], N, dtype=tl.int32)
+        for _ in tl.static_range(7):
+            go = lo < hi
+            mid = (lo + hi) // 2
+            below = 6.0 * tl.load(cands_ptr + mid, mask=go, other=0.0) < xm
+            lo = tl.where(go & below, mid + 1, lo)
+            hi = tl.where(go & ~below, mid, hi)
+        j0 = tl.minimum(lo, N - 1)
+        s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j0, on)
+        loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                     h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+                     s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        first = loss < _INF
+        best = tl.where(first, loss, _INF)
+        bi = tl.where(first, j0, 0)
+        # downward: stops once the largest element clips and its term alone exceeds the best loss
+        j = j0 - 1
+        act = on & (j >= 0)
+        while tl.max(act.to(tl.int32), axis=0) > 0:
+            s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+            bound = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            over = bound > best
+            need = act & ~over & ~((bound == best) & (j > bi))
+            if tl.max(need.to(tl.int32), axis=0) > 0:
+                loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                             h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+                             s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+                better = need & ((loss < best) | ((loss == best) & (j < bi)))
+                best = tl.where(better, loss, best)
+                bi = tl.where(better, j, bi)
+            stop = over & (xm > t6) & (v7 <= xm)
+            j = j - 1
+            act = act & ~stop & (j >= 0)
+        # upward: stops once the largest element's term can only grow (it rounds to 0, or to 0.5 from below
+        # half the scale) and already reaches the best loss; every index here exceeds the best one's
+        j = j0 + 1
+        act = on & (j < N)
+        while tl.max(act.to(tl.int32), axis=0) > 0:
+            s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+            bound = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            need = act & (bound < best)
+            if tl.max(need.to(tl.int32), axis=0) > 0:
+                loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
+                             h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
+                             s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+                better = need & (loss < best)
+                best = tl.where(better, loss, best)
+                bi = tl.where(better, j, bi)
+            grows = (xm <= t0) | ((xm <= t1) & (s >= 2.0**-125) & (v1 >= xm))
+            stop = grows & (bound >= best)
+            j = j + 1
+            act = act & ~stop & (j < N)
+        tl.store(scales_ptr + b, tl.load(sbytes_ptr + bi, mask=on, other=0), mask=on)
+        d = tl.load(divs_ptr + bi, mask=on, other=1.0)
+        pp = packed_ptr + b * 8
+        tl.store(pp + 0, _packed(w0, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 1, _packed(w1, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 2, _packed(w2, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 3, _packed(w3, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 4, _packed(w4, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 5, _packed(w5, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 6, _packed(w6, d, d, d, KIND, True), mask=on)
+        tl.store(pp + 7, _packed(w7, d, d, d, KIND, True), mask=on)
+
 def _launch_amax(weight: torch.Tensor, acc_i32: torch.Tensor) -> None:
     """Fold max|weight| into ``acc_i32`` (the int32 view of a non-negative float32), without a host sync."""
     flat = weight.reshape(-1)
@@ -454,6 +671,60 @@ def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, tor
     return packed.cpu(), scales.cpu()
 
 
+def _launch_search(weight: torch.Tensor, tables: tuple[torch.Tensor, ...], channel_weights: torch.Tensor | None):
+    """``mse``/``mse-weighted`` packed codes and block scales of ``weight [R, K]`` on its device, from the
+    :func:`.search.tables` of its group (on the same device)."""
+    rows, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"K must be a multiple of {BLOCK}, got {k}")
+    if weight.dtype not in _KIND:
+        raise TypeError(f"unsupported dtype {weight.dtype}; expected bfloat16, float16 or float32")
+    weight = weight.contiguous()
+    words = weight.view(torch.int64 if weight.dtype == torch.float32 else torch.int32)
+    nblk = k // BLOCK
+    packed = torch.empty((rows, k // 2), dtype=torch.uint8, device=weight.device)
+    scales = torch.empty((rows, nblk), dtype=torch.float8_e4m3fn, device=weight.device)
+    cands, thr, sbytes, divs = tables
+    h = cands if channel_weights is None else channel_weights.to(device=weight.device, dtype=torch.float32)
+    if rows and nblk:
+        cfg = CONFIG
+        grid = (triton.cdiv(rows * nblk, cfg["search_blocks"]),)
+        _search_kernel[grid](
+            words, h.contiguous(), cands, thr, sbytes, divs, packed, scales.view(torch.uint8), rows * nblk, nblk,
+            KIND=_KIND[weight.dtype], WEIGHTED=channel_weights is not None, N=cands.numel(), NB=cfg["search_blocks"],
+            num_warps=cfg["search_warps"], enable_fp_fusion=False,
+        )
+    return packed, scales
+
+
+@functools.lru_cache(maxsize=16)
+def _search_tables(amax: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`.search.tables` of a global amax, on ``device`` (a fused group's chunks share them)."""
+    from . import search as sweep
+
+    return tuple(t.to(device) for t in sweep.tables(torch.tensor(amax, dtype=torch.float32)))
+
+
+def search_on_device(weight: torch.Tensor, amax: torch.Tensor,
+                     channel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`search` on ``weight``'s own device (a CPU one under ``TRITON_INTERPRET=1``); outputs stay there."""
+    from . import search as sweep
+
+    amax = torch.as_tensor(amax, dtype=torch.float32).detach().cpu().reshape(())
+    if amax == 0 or weight.dtype not in _KIND:
+        packed, scales = sweep.quantize(weight, amax, channel_weights)
+        return packed.to(weight.device), scales.to(weight.device)
+    with _on(weight.device):
+        return _launch_search(weight, _search_tables(float(amax), weight.device), channel_weights)
+
+
+def search(weight: torch.Tensor, amax: torch.Tensor,
+           channel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry search: :func:`.search.quantize`'s contract and bits, computed on the GPU; outputs on the CPU."""
+    packed, scales = search_on_device(weight if weight.is_cuda else weight.to("cuda"), amax, channel_weights)
+    return packed.cpu(), scales.cpu()
+
+
 def amax(weight: torch.Tensor) -> torch.Tensor:
     """Registry amax: max|weight| as a float32 0-dim tensor on the GPU."""
     return _amax(weight if weight.is_cuda else weight.to("cuda"))
@@ -480,5 +751,6 @@ BACKENDS = (
         priority=100,
         description="Triton kernel, bit-exact with ModelOpt 0.47; any CUDA GPU of compute capability 8.0+",
         quantize_device=quantize_on_device,
+        search=search,
     ),
 )
