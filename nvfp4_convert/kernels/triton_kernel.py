@@ -337,7 +337,8 @@ if triton is not None:
     def _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
               h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
               s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED: tl.constexpr):
-        """Loss of each lane's block ``a`` (``|w|``, weights ``h``) at scale ``s``, summed as :func:`.search.block_sum`."""
+        """Loss of each lane's block ``a`` (``|w|``, weights ``h``) at scale ``s``, summed as
+        :func:`.search.block_sum` sums."""
         v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
         d0 = _sq_err(a0, h0, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
         d1 = _sq_err(a1, h1, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
@@ -442,7 +443,10 @@ if triton is not None:
                                    tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
                         tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)),
                                    tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))))
-        hm = h15  # the weight of the first largest element: its term bounds the loss from below
+        # Two elements whose terms bound the loss from below (a sum of non-negative terms rounded to nearest
+        # never falls below one of them): the first largest one, and (weighted) the first with the largest
+        # h * a^2, whose term grows the most once it clips.
+        hm = h15
         hm = tl.where(a14 == xm, h14, hm)
         hm = tl.where(a13 == xm, h13, hm)
         hm = tl.where(a12 == xm, h12, hm)
@@ -458,6 +462,88 @@ if triton is not None:
         hm = tl.where(a2 == xm, h2, hm)
         hm = tl.where(a1 == xm, h1, hm)
         hm = tl.where(a0 == xm, h0, hm)
+        if WEIGHTED:
+            kk = (a0 * a0) * h0
+            ak = a0
+            hk = h0
+            key = (a1 * a1) * h1
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a1, ak)
+            hk = tl.where(take, h1, hk)
+            key = (a2 * a2) * h2
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a2, ak)
+            hk = tl.where(take, h2, hk)
+            key = (a3 * a3) * h3
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a3, ak)
+            hk = tl.where(take, h3, hk)
+            key = (a4 * a4) * h4
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a4, ak)
+            hk = tl.where(take, h4, hk)
+            key = (a5 * a5) * h5
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a5, ak)
+            hk = tl.where(take, h5, hk)
+            key = (a6 * a6) * h6
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a6, ak)
+            hk = tl.where(take, h6, hk)
+            key = (a7 * a7) * h7
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a7, ak)
+            hk = tl.where(take, h7, hk)
+            key = (a8 * a8) * h8
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a8, ak)
+            hk = tl.where(take, h8, hk)
+            key = (a9 * a9) * h9
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a9, ak)
+            hk = tl.where(take, h9, hk)
+            key = (a10 * a10) * h10
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a10, ak)
+            hk = tl.where(take, h10, hk)
+            key = (a11 * a11) * h11
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a11, ak)
+            hk = tl.where(take, h11, hk)
+            key = (a12 * a12) * h12
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a12, ak)
+            hk = tl.where(take, h12, hk)
+            key = (a13 * a13) * h13
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a13, ak)
+            hk = tl.where(take, h13, hk)
+            key = (a14 * a14) * h14
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a14, ak)
+            hk = tl.where(take, h14, hk)
+            key = (a15 * a15) * h15
+            take = key > kk
+            kk = tl.where(take, key, kk)
+            ak = tl.where(take, a15, ak)
+            hk = tl.where(take, h15, hk)
+        else:
+            ak = xm
+            hk = hm
         # the first candidate with 6 s >= xm
         lo = tl.zeros([NB], dtype=tl.int32)
         hi = tl.full([NB], N, dtype=tl.int32)
@@ -475,15 +561,22 @@ if triton is not None:
         first = loss < _INF
         best = tl.where(first, loss, _INF)
         bi = tl.where(first, j0, 0)
-        # downward: stops once the largest element clips and its term alone exceeds the best loss
+        # Downward (smaller scales): a candidate is evaluated unless a bound rules it out; a lane stops once a
+        # bounding element clips (6 s <= a, so its term only grows further down) and its term exceeds the best.
         j = j0 - 1
         act = on & (j >= 0)
         while tl.max(act.to(tl.int32), axis=0) > 0:
             s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
             v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
-            bound = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-            over = bound > best
-            need = act & ~over & ~((bound == best) & (j > bi))
+            bm = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            stop = (bm > best) & (xm > t6) & (v7 <= xm)
+            if WEIGHTED:
+                bk = _sq_err(ak, hk, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+                stop = stop | ((bk > best) & (ak > t6) & (v7 <= ak))
+                bound = tl.maximum(bm, bk)
+            else:
+                bound = bm
+            need = act & ~(bound > best) & ~((bound == best) & (j > bi))
             if tl.max(need.to(tl.int32), axis=0) > 0:
                 loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
                              h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
@@ -491,17 +584,20 @@ if triton is not None:
                 better = need & ((loss < best) | ((loss == best) & (j < bi)))
                 best = tl.where(better, loss, best)
                 bi = tl.where(better, j, bi)
-            stop = over & (xm > t6) & (v7 <= xm)
             j = j - 1
             act = act & ~stop & (j >= 0)
-        # upward: stops once the largest element's term can only grow (it rounds to 0, or to 0.5 from below
-        # half the scale) and already reaches the best loss; every index here exceeds the best one's
+        # Upward: every index here exceeds the best one's, so only a smaller loss wins. Once the largest element
+        # rounds to 0, or to 0.5 from below half the scale, so does every element, and each term, hence the
+        # loss, can only grow from there on: that candidate is the lane's last.
         j = j0 + 1
         act = on & (j < N)
         while tl.max(act.to(tl.int32), axis=0) > 0:
             s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
             v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
             bound = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            if WEIGHTED:
+                bk = _sq_err(ak, hk, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+                bound = tl.maximum(bound, bk)
             need = act & (bound < best)
             if tl.max(need.to(tl.int32), axis=0) > 0:
                 loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
@@ -510,10 +606,9 @@ if triton is not None:
                 better = need & (loss < best)
                 best = tl.where(better, loss, best)
                 bi = tl.where(better, j, bi)
-            grows = (xm <= t0) | ((xm <= t1) & (s >= 2.0**-125) & (v1 >= xm))
-            stop = grows & (bound >= best)
+            last = (xm <= t0) | ((xm <= t1) & (s >= 2.0**-125) & (v1 >= xm))
             j = j + 1
-            act = act & ~stop & (j < N)
+            act = act & ~last & (j < N)
         tl.store(scales_ptr + b, tl.load(sbytes_ptr + bi, mask=on, other=0), mask=on)
         d = tl.load(divs_ptr + bi, mask=on, other=1.0)
         pp = packed_ptr + b * 8
