@@ -313,9 +313,11 @@ if triton is not None:
 
     # -- the block-scale search (mse / mse-weighted) --------------------------------------------------------
     # The arithmetic is :mod:`.search`'s; the visiting order and its exact pruning are those of
-    # :func:`.numba_kernels.search_block`, lane by lane: each lane holds one block as 16 scalars, so every sum
-    # is written out in the reference's order, and the kernel is compiled without FP contraction
-    # (``enable_fp_fusion=False``), so each step rounds once as in the reference.
+    # :func:`.numba_kernels.search_block`, lane by lane. A lane holds one block as two halves ``[2, 2, 2]``
+    # (elements 0-7 and 8-15, element ``4x + 2y + p`` at ``[x, y, p]``, ``p`` the word half), so the loss is
+    # summed in the reference's order by splitting off the last axis (``r_j = d_j + d_{j+8}``, then
+    # neighbours), and the kernel is compiled without FP contraction (``enable_fp_fusion=False``): each step
+    # rounds once, as in the reference. Per-lane values are ``[NB, 1, 1, 1]`` to broadcast against the halves.
 
     @triton.jit
     def _grid_values(s):
@@ -334,37 +336,26 @@ if triton is not None:
             return e * e
 
     @triton.jit
-    def _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-              h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
-              s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED: tl.constexpr):
-        """Loss of each lane's block ``a`` (``|w|``, weights ``h``) at scale ``s``, summed as
-        :func:`.search.block_sum` sums."""
-        v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
-        d0 = _sq_err(a0, h0, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d1 = _sq_err(a1, h1, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d2 = _sq_err(a2, h2, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d3 = _sq_err(a3, h3, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d4 = _sq_err(a4, h4, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d5 = _sq_err(a5, h5, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d6 = _sq_err(a6, h6, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d7 = _sq_err(a7, h7, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d8 = _sq_err(a8, h8, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d9 = _sq_err(a9, h9, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d10 = _sq_err(a10, h10, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d11 = _sq_err(a11, h11, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d12 = _sq_err(a12, h12, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d13 = _sq_err(a13, h13, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d14 = _sq_err(a14, h14, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        d15 = _sq_err(a15, h15, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-        r0 = d0 + d8
-        r1 = d1 + d9
-        r2 = d2 + d10
-        r3 = d3 + d11
-        r4 = d4 + d12
-        r5 = d5 + d13
-        r6 = d6 + d14
-        r7 = d7 + d15
-        return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    def _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+              WEIGHTED: tl.constexpr):
+        """Loss of each lane's block at one candidate, summed as :func:`.search.block_sum` sums."""
+        r = (_sq_err(a_lo, h_lo, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+             + _sq_err(a_hi, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED))
+        even, odd = tl.split(r)
+        left, right = tl.split(even + odd)  # [r0 + r1, r4 + r5], [r2 + r3, r6 + r7]
+        q0, q1 = tl.split(left + right)
+        return (q0 + q1)[:, None, None, None]
+
+    @triton.jit
+    def _lane_max(lo, hi):
+        """Max over each lane's two halves, ``[NB, 1, 1, 1]``."""
+        return tl.max(tl.max(tl.max(tl.maximum(lo, hi), axis=3), axis=2), axis=1)[:, None, None, None]
+
+    @triton.jit
+    def _at_first(hit_lo, hit_hi, e, x_lo, x_hi):
+        """Each lane's ``x >= 0`` at its first element where ``hit`` holds (0 where none does)."""
+        first = -_lane_max(tl.where(hit_lo, -e, -16), tl.where(hit_hi, -8 - e, -16))
+        return _lane_max(tl.where(e == first, x_lo, 0.0), tl.where(e + 8 == first, x_hi, 0.0))
 
     @triton.jit
     def _candidate(cands_ptr, thr_ptr, j, on):
@@ -375,178 +366,48 @@ if triton is not None:
                 tl.load(t + 3, mask=on, other=0.0), tl.load(t + 4, mask=on, other=0.0),
                 tl.load(t + 5, mask=on, other=0.0), tl.load(t + 6, mask=on, other=0.0))
 
-    @triton.jit
-    def _abs_pair(words, KIND: tl.constexpr):
-        lo, hi = _decode(words, KIND)
-        return tl.abs(lo), tl.abs(hi)
-
     @triton.jit(do_not_specialize=["nblocks", "nblk"])
     def _search_kernel(w_ptr, h_ptr, cands_ptr, thr_ptr, sbytes_ptr, divs_ptr, packed_ptr, scales_ptr, nblocks, nblk,
                        KIND: tl.constexpr, WEIGHTED: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
         """Blocks ``NB * pid ..`` of the row-major ``[R, K]`` weight: the winning candidate of each, its scale
-        byte, and the block's codes under that candidate's divisor (as ``_quantize_kernel`` packs them)."""
+        byte, and the block's codes under that candidate's divisor (packed as ``_quantize_kernel`` packs)."""
+        two = tl.arange(0, 2)
+        m = (2 * two[:, None] + two[None, :])[None, :, :]  # word of a half-block at [x, y]
+        e = (4 * two[:, None, None] + 2 * two[None, :, None] + two[None, None, :])[None, :, :, :]
         b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
-        on = b < nblocks
-        wp = w_ptr + b * 8  # a block is 8 words of two elements each
-        w0 = tl.load(wp, mask=on, other=0)
-        w1 = tl.load(wp + 1, mask=on, other=0)
-        w2 = tl.load(wp + 2, mask=on, other=0)
-        w3 = tl.load(wp + 3, mask=on, other=0)
-        w4 = tl.load(wp + 4, mask=on, other=0)
-        w5 = tl.load(wp + 5, mask=on, other=0)
-        w6 = tl.load(wp + 6, mask=on, other=0)
-        w7 = tl.load(wp + 7, mask=on, other=0)
-        a0, a1 = _abs_pair(w0, KIND)
-        a2, a3 = _abs_pair(w1, KIND)
-        a4, a5 = _abs_pair(w2, KIND)
-        a6, a7 = _abs_pair(w3, KIND)
-        a8, a9 = _abs_pair(w4, KIND)
-        a10, a11 = _abs_pair(w5, KIND)
-        a12, a13 = _abs_pair(w6, KIND)
-        a14, a15 = _abs_pair(w7, KIND)
+        on3 = (b < nblocks)[:, None, None]
+        on = (b < nblocks)[:, None, None, None]
+        wp = w_ptr + b[:, None, None] * 8 + m  # a block is 8 words of two elements each
+        w_lo = tl.load(wp, mask=on3, other=0)
+        w_hi = tl.load(wp + 4, mask=on3, other=0)
+        x0, x1 = _decode(w_lo, KIND)
+        a_lo = tl.join(tl.abs(x0), tl.abs(x1))
+        x0, x1 = _decode(w_hi, KIND)
+        a_hi = tl.join(tl.abs(x0), tl.abs(x1))
         if WEIGHTED:
-            hp = h_ptr + (b % nblk) * 16
-            h0 = tl.load(hp + 0, mask=on, other=1.0)
-            h1 = tl.load(hp + 1, mask=on, other=1.0)
-            h2 = tl.load(hp + 2, mask=on, other=1.0)
-            h3 = tl.load(hp + 3, mask=on, other=1.0)
-            h4 = tl.load(hp + 4, mask=on, other=1.0)
-            h5 = tl.load(hp + 5, mask=on, other=1.0)
-            h6 = tl.load(hp + 6, mask=on, other=1.0)
-            h7 = tl.load(hp + 7, mask=on, other=1.0)
-            h8 = tl.load(hp + 8, mask=on, other=1.0)
-            h9 = tl.load(hp + 9, mask=on, other=1.0)
-            h10 = tl.load(hp + 10, mask=on, other=1.0)
-            h11 = tl.load(hp + 11, mask=on, other=1.0)
-            h12 = tl.load(hp + 12, mask=on, other=1.0)
-            h13 = tl.load(hp + 13, mask=on, other=1.0)
-            h14 = tl.load(hp + 14, mask=on, other=1.0)
-            h15 = tl.load(hp + 15, mask=on, other=1.0)
+            hp = h_ptr + (b % nblk)[:, None, None, None] * 16 + e
+            h_lo = tl.load(hp, mask=on, other=1.0)
+            h_hi = tl.load(hp + 8, mask=on, other=1.0)
         else:  # unused
-            h0 = a0
-            h1 = a1
-            h2 = a2
-            h3 = a3
-            h4 = a4
-            h5 = a5
-            h6 = a6
-            h7 = a7
-            h8 = a8
-            h9 = a9
-            h10 = a10
-            h11 = a11
-            h12 = a12
-            h13 = a13
-            h14 = a14
-            h15 = a15
-        xm = tl.maximum(tl.maximum(tl.maximum(tl.maximum(a0, a1), tl.maximum(a2, a3)),
-                                   tl.maximum(tl.maximum(a4, a5), tl.maximum(a6, a7))),
-                        tl.maximum(tl.maximum(tl.maximum(a8, a9), tl.maximum(a10, a11)),
-                                   tl.maximum(tl.maximum(a12, a13), tl.maximum(a14, a15))))
-        # Two elements whose terms bound the loss from below (a sum of non-negative terms rounded to nearest
-        # never falls below one of them): the first largest one, and (weighted) the first with the largest
-        # h * a^2, whose term grows the most once it clips.
-        hm = h15
-        hm = tl.where(a14 == xm, h14, hm)
-        hm = tl.where(a13 == xm, h13, hm)
-        hm = tl.where(a12 == xm, h12, hm)
-        hm = tl.where(a11 == xm, h11, hm)
-        hm = tl.where(a10 == xm, h10, hm)
-        hm = tl.where(a9 == xm, h9, hm)
-        hm = tl.where(a8 == xm, h8, hm)
-        hm = tl.where(a7 == xm, h7, hm)
-        hm = tl.where(a6 == xm, h6, hm)
-        hm = tl.where(a5 == xm, h5, hm)
-        hm = tl.where(a4 == xm, h4, hm)
-        hm = tl.where(a3 == xm, h3, hm)
-        hm = tl.where(a2 == xm, h2, hm)
-        hm = tl.where(a1 == xm, h1, hm)
-        hm = tl.where(a0 == xm, h0, hm)
+            h_lo = a_lo
+            h_hi = a_hi
+        # Elements whose terms bound the loss from below (a sum of non-negative terms rounded to nearest never
+        # falls below one of them): the first largest one, and (weighted) the first with the largest h * a^2,
+        # whose term grows the most once it clips.
+        xm = _lane_max(a_lo, a_hi)
+        hm = _at_first(a_lo == xm, a_hi == xm, e, h_lo, h_hi)
         if WEIGHTED:
-            kk = (a0 * a0) * h0
-            ak = a0
-            hk = h0
-            key = (a1 * a1) * h1
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a1, ak)
-            hk = tl.where(take, h1, hk)
-            key = (a2 * a2) * h2
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a2, ak)
-            hk = tl.where(take, h2, hk)
-            key = (a3 * a3) * h3
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a3, ak)
-            hk = tl.where(take, h3, hk)
-            key = (a4 * a4) * h4
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a4, ak)
-            hk = tl.where(take, h4, hk)
-            key = (a5 * a5) * h5
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a5, ak)
-            hk = tl.where(take, h5, hk)
-            key = (a6 * a6) * h6
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a6, ak)
-            hk = tl.where(take, h6, hk)
-            key = (a7 * a7) * h7
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a7, ak)
-            hk = tl.where(take, h7, hk)
-            key = (a8 * a8) * h8
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a8, ak)
-            hk = tl.where(take, h8, hk)
-            key = (a9 * a9) * h9
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a9, ak)
-            hk = tl.where(take, h9, hk)
-            key = (a10 * a10) * h10
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a10, ak)
-            hk = tl.where(take, h10, hk)
-            key = (a11 * a11) * h11
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a11, ak)
-            hk = tl.where(take, h11, hk)
-            key = (a12 * a12) * h12
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a12, ak)
-            hk = tl.where(take, h12, hk)
-            key = (a13 * a13) * h13
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a13, ak)
-            hk = tl.where(take, h13, hk)
-            key = (a14 * a14) * h14
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a14, ak)
-            hk = tl.where(take, h14, hk)
-            key = (a15 * a15) * h15
-            take = key > kk
-            kk = tl.where(take, key, kk)
-            ak = tl.where(take, a15, ak)
-            hk = tl.where(take, h15, hk)
+            key_lo = (a_lo * a_lo) * h_lo
+            key_hi = (a_hi * a_hi) * h_hi
+            kk = _lane_max(key_lo, key_hi)
+            ak = _at_first(key_lo == kk, key_hi == kk, e, a_lo, a_hi)
+            hk = _at_first(key_lo == kk, key_hi == kk, e, h_lo, h_hi)
         else:
             ak = xm
             hk = hm
         # the first candidate with 6 s >= xm
-        lo = tl.zeros([NB], dtype=tl.int32)
-        hi = tl.full([NB], N, dtype=tl.int32)
+        lo = tl.zeros_like(xm).to(tl.int32)
+        hi = lo + N
         for _ in tl.static_range(7):
             go = lo < hi
             mid = (lo + hi) // 2
@@ -555,9 +416,8 @@ if triton is not None:
             hi = tl.where(go & ~below, mid, hi)
         j0 = tl.minimum(lo, N - 1)
         s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j0, on)
-        loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-                     h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
-                     s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+        loss = _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
         first = loss < _INF
         best = tl.where(first, loss, _INF)
         bi = tl.where(first, j0, 0)
@@ -565,7 +425,7 @@ if triton is not None:
         # bounding element clips (6 s <= a, so its term only grows further down) and its term exceeds the best.
         j = j0 - 1
         act = on & (j >= 0)
-        while tl.max(act.to(tl.int32), axis=0) > 0:
+        while tl.max(act.to(tl.int32)) > 0:
             s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
             v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
             bm = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
@@ -577,10 +437,9 @@ if triton is not None:
             else:
                 bound = bm
             need = act & ~(bound > best) & ~((bound == best) & (j > bi))
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-                             h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
-                             s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            if tl.max(need.to(tl.int32)) > 0:
+                loss = _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+                             WEIGHTED)
                 better = need & ((loss < best) | ((loss == best) & (j < bi)))
                 best = tl.where(better, loss, best)
                 bi = tl.where(better, j, bi)
@@ -591,35 +450,29 @@ if triton is not None:
         # loss, can only grow from there on: that candidate is the lane's last.
         j = j0 + 1
         act = on & (j < N)
-        while tl.max(act.to(tl.int32), axis=0) > 0:
+        while tl.max(act.to(tl.int32)) > 0:
             s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
             v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
             bound = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
             if WEIGHTED:
-                bk = _sq_err(ak, hk, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
-                bound = tl.maximum(bound, bk)
+                bound = tl.maximum(bound, _sq_err(ak, hk, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+                                                  WEIGHTED))
             need = act & (bound < best)
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                loss = _loss(a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15,
-                             h0, h1, h2, h3, h4, h5, h6, h7, h8, h9, h10, h11, h12, h13, h14, h15,
-                             s, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            if tl.max(need.to(tl.int32)) > 0:
+                loss = _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+                             WEIGHTED)
                 better = need & (loss < best)
                 best = tl.where(better, loss, best)
                 bi = tl.where(better, j, bi)
             last = (xm <= t0) | ((xm <= t1) & (s >= 2.0**-125) & (v1 >= xm))
             j = j + 1
             act = act & ~last & (j < N)
-        tl.store(scales_ptr + b, tl.load(sbytes_ptr + bi, mask=on, other=0), mask=on)
-        d = tl.load(divs_ptr + bi, mask=on, other=1.0)
-        pp = packed_ptr + b * 8
-        tl.store(pp + 0, _packed(w0, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 1, _packed(w1, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 2, _packed(w2, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 3, _packed(w3, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 4, _packed(w4, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 5, _packed(w5, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 6, _packed(w6, d, d, d, KIND, True), mask=on)
-        tl.store(pp + 7, _packed(w7, d, d, d, KIND, True), mask=on)
+        tl.store(scales_ptr + b[:, None, None, None], tl.load(sbytes_ptr + bi, mask=on, other=0), mask=on)
+        d = tl.max(tl.load(divs_ptr + bi, mask=on, other=1.0), axis=3)  # [NB, 1, 1]
+        pp = packed_ptr + b[:, None, None] * 8 + m
+        tl.store(pp, _packed(w_lo, d, d, d, KIND, True), mask=on3)
+        tl.store(pp + 4, _packed(w_hi, d, d, d, KIND, True), mask=on3)
+
 
 def _launch_amax(weight: torch.Tensor, acc_i32: torch.Tensor) -> None:
     """Fold max|weight| into ``acc_i32`` (the int32 view of a non-negative float32), without a host sync."""
