@@ -17,6 +17,11 @@ rounding step is exact:
 
 Exact for all finite inputs; global scales outside [2^-80, 2^80] (tensors of denormal dust) take
 ``tl.div_rn``. NaN inputs are not handled bit-for-bit (the converter rejects them first).
+
+``_search_kernel`` is the ``mse``/``mse-weighted`` block-scale search (:mod:`.search`), one block per lane:
+the per-candidate thresholds and tables of :func:`.search.tables`, the loss summed in the reference's order
+without FP contraction, candidates visited and pruned as :func:`.numba_kernels.search_block` does, codes
+packed as above with a correctly rounded division.
 """
 
 import contextlib
