@@ -197,6 +197,31 @@ def _fmt_ratio(ratio: float | None) -> str:
     return "" if ratio is None else f"{ratio:,.1f}x"
 
 
+def _check_args(device: str, backends: list[str] | None, shapes: list[tuple[int, int]] | None, dtype: str,
+                repeats: int) -> tuple[torch.dtype, list[tuple[int, int]], list[kernels.Backend]]:
+    """The dtype, shapes and backends (default: every one for ``device`` but the reference) to time."""
+    if device not in ("cpu", "cuda"):
+        raise ConvertError(f"unknown device {device!r}", where="--device", fix="Use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConvertError("torch sees no CUDA GPU here", where="--device cuda",
+                           fix="Run on a GPU machine, or use --device cpu")
+    torch_dtype = _dtype(dtype)
+    shapes = list(shapes or DEFAULT_SHAPES)
+    for rows, cols in shapes:
+        if rows < 1 or cols < 16 or cols % 16:
+            raise ConvertError(f"cannot time shape {rows}x{cols}", where="--shape",
+                               fix=f"Use ROWSxCOLS with ROWS >= 1 and COLS a positive multiple of {BLOCK}")
+    if repeats < 1:
+        raise ConvertError(f"cannot time {repeats} calls", where="--repeats", fix="Give 1 or more")
+    names = backends or [b.name for b in sorted(kernels.backends().values(), key=lambda b: -b.priority)
+                         if b.device == device and b.name != "reference"]
+    unknown = sorted(set(names) - set(kernels.backends()))
+    if unknown:
+        raise ConvertError(f"unknown backend {unknown[0]!r}", where="--backend",
+                           fix=f"Use one of {', '.join(sorted(kernels.backends()))}")
+    return torch_dtype, shapes, [kernels.get_backend(n) for n in names if n != "reference"]
+
+
 def run_bench(
     *,
     device: str = "cpu",
@@ -226,28 +251,10 @@ def run_bench(
     Returns:
         One dict per (backend, shape) with the keys in :data:`FIELDS`.
     """
-    if device not in ("cpu", "cuda"):
-        raise ConvertError(f"unknown device {device!r}", where="--device", fix="Use cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConvertError("torch sees no CUDA GPU here", where="--device cuda",
-                           fix="Run on a GPU machine, or use --device cpu")
     if plot_path is not None:
         require_module("matplotlib", purpose="plots", where="--plot", extra="plot")
-    torch_dtype = _dtype(dtype)
-    shapes = [(m, k) for k in SWEEP_COLS for m in SWEEP_ROWS] if sweep else list(shapes or DEFAULT_SHAPES)
-    for rows, cols in shapes:
-        if rows < 1 or cols < 16 or cols % 16:
-            raise ConvertError(f"cannot time shape {rows}x{cols}", where="--shape",
-                               fix=f"Use ROWSxCOLS with ROWS >= 1 and COLS a positive multiple of {BLOCK}")
-    if repeats < 1:
-        raise ConvertError(f"cannot time {repeats} calls", where="--repeats", fix="Give 1 or more")
-    names = backends or [b.name for b in sorted(kernels.backends().values(), key=lambda b: -b.priority)
-                         if b.device == device and b.name != "reference"]
-    unknown = sorted(set(names) - set(kernels.backends()))
-    if unknown:
-        raise ConvertError(f"unknown backend {unknown[0]!r}", where="--backend",
-                           fix=f"Use one of {', '.join(sorted(kernels.backends()))}")
-    chosen = [kernels.get_backend(n) for n in names if n != "reference"]
+    shapes = [(m, k) for k in SWEEP_COLS for m in SWEEP_ROWS] if sweep else shapes
+    torch_dtype, shapes, chosen = _check_args(device, backends, shapes, dtype, repeats)
 
     if device == "cpu":
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -319,6 +326,68 @@ def run_bench(
     if plot_path is not None:
         _plot(results, Path(plot_path))
         out(f"wrote {plot_path}")
+    return results
+
+
+def run_scales_bench(
+    *,
+    device: str = "cpu",
+    backends: list[str] | None = None,
+    shapes: list[tuple[int, int]] | None = None,
+    dtype: str = "bfloat16",
+    modes: list[str] | None = None,
+    repeats: int = 5,
+    out: Callable[[str], object] = print,
+) -> list[dict]:
+    """What the block-scale search costs against round-to-nearest, per backend and ``[R, K]`` shape.
+
+    Each backend with a search is timed on the same inputs as ``amax`` + ``quantize`` (``rtn``) and as
+    ``amax`` + ``search`` in each of ``modes`` (``mse``, ``mse-weighted`` with spread per-column weights),
+    both with outputs on the CPU as the converter takes them; median of ``repeats`` calls after one untimed
+    call. CUDA calls are timed with events on rotating inputs (the search reads the global amax on the host,
+    so it cannot be captured in a graph). Prints one line per backend and shape; returns dicts with the
+    medians (``rtn_s``, ``mse_s``, ...) and ratios (``mse_vs_rtn``, ...).
+    """
+    modes = list(modes or ("mse", "mse-weighted"))
+    bad = sorted(set(modes) - {"mse", "mse-weighted"})
+    if bad:
+        raise ConvertError(f"unknown block-scale search mode {bad[0]!r}", where="--scales",
+                           fix="Use mse or mse-weighted")
+    torch_dtype, shapes, chosen = _check_args(device, backends, shapes, dtype, repeats)
+    chosen = [b for b in chosen if b.device == device and b.search is not None and b.available() is None]
+    if not chosen:
+        raise ConvertError(f"no backend with a block-scale search can run on {device} here", where="--backend",
+                           fix="Run `nvfp4-convert bench` to list backends")
+    out(f"block-scale search cost on {device}; dtype {_dtype_name(torch_dtype)}; amax + quantize or search per "
+        f"call; median of {repeats}")
+    header = f"{'backend':<10} {'shape':>11} {'rtn ms':>10}" + "".join(f" {m + ' ms':>17} {'x rtn':>7}" for m in modes)
+    out(header)
+    out("-" * len(header))
+    results = []
+    for seed, (rows, cols) in enumerate(shapes):
+        inputs = (_cuda_inputs(rows, cols, torch_dtype, seed) if device == "cuda"
+                  else [_make_weight(rows, cols, torch_dtype, "cpu", seed)])
+        gen = torch.Generator().manual_seed(seed)
+        h = torch.exp(2 * torch.randn(cols, generator=gen)).to(inputs[0].device)
+        for backend in chosen:
+            steps = {"rtn": _step(backend.amax, backend.quantize)}
+            for m in modes:
+                weights = h if m == "mse-weighted" else None
+                steps[m] = lambda w, weights=weights, b=backend: b.search(w, b.amax(w), weights)
+            row = {"backend": backend.name, "device": device, "dtype": _dtype_name(torch_dtype), "rows": rows,
+                   "cols": cols}
+            for name, step in steps.items():
+                if device == "cuda":
+                    times, _, _ = _time_cuda(step, inputs, repeats, True, graph=False)
+                else:
+                    times, _ = _time_cpu(step, inputs[0], repeats, True)
+                row[f"{name}_s"] = statistics.median(times)
+            for m in modes:
+                row[f"{m}_vs_rtn"] = row[f"{m}_s"] / row["rtn_s"]
+            results.append(row)
+            out(f"{backend.name:<10} {f'{rows}x{cols}':>11} {row['rtn_s'] * 1e3:>10.3f}"
+                + "".join(f" {row[f'{m}_s'] * 1e3:>17.3f} {row[f'{m}_vs_rtn']:>6.1f}x" for m in modes))
+        del inputs
     return results
 
 

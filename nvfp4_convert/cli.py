@@ -352,15 +352,22 @@ def bench(
     csv: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the results to this CSV file.")] = None,
     plot: Annotated[Path | None, typer.Option(
         metavar="FILE", help="Also plot the speedups to this PNG (needs the 'plot' extra).")] = None,
+    scales: Annotated[list[str] | None, typer.Option(
+        metavar="MODE", help="Instead, time the block-scale search in this mode (mse or mse-weighted; "
+                             "repeatable) against round-to-nearest, for each backend that has one.")] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Time the quantize backends on this machine.
 
     Each backend is timed against the pure-torch reference in the same run.
     """
-    from .bench import run_bench
+    from .bench import run_bench, run_scales_bench
 
     shapes = [_shape(s) for s in shape] if shape else None
+    if scales:
+        run_scales_bench(device=device, backends=backend, dtype=dtype, shapes=shapes, modes=scales, repeats=repeats,
+                         out=typer.echo)
+        return
     run_bench(device=device, backends=backend, dtype=dtype, shapes=shapes, sweep=sweep, repeats=repeats,
               csv_path=csv, plot_path=plot, out=typer.echo)
 

@@ -374,7 +374,7 @@ def _process(unit: Unit, plan: Plan, loaded: _Loaded | None, paths: dict[str, Pa
             if scales == "rtn":
                 packed, block_scales = quantize(w, ws2)
             else:
-                packed, block_scales = searched(w.cpu(), group_amax, h)
+                packed, block_scales = searched(w, group_amax, h)
             writes.submit(writer.write, f"{module}.weight", packed, start * (k // 2), nbytes=packed.numel())
             writes.submit(writer.write, f"{module}.weight_scale", block_scales, start * (k // 16),
                           nbytes=block_scales.numel())
@@ -395,7 +395,7 @@ def _process_stacked(name: str, plan: Plan, loaded: _Loaded | None, paths: dict[
     experts, k, n = stacked.shape
     for e in range(experts):
         rows = stacked[e].t().contiguous()
-        packed, block = quantize(rows, ws2) if scales == "rtn" else searched(rows.cpu(), amax, None)
+        packed, block = quantize(rows, ws2) if scales == "rtn" else searched(rows, amax, None)
         packed, block = packed.t().contiguous(), block.t().contiguous()
         writes.submit(writer.write, name, packed, e * packed.numel(), nbytes=packed.numel())
         writes.submit(writer.write, f"{name}_weight_scale", block, e * block.numel(), nbytes=block.numel())

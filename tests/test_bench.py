@@ -21,3 +21,15 @@ def test_cpu_bench_rows_and_csv(tmp_path):
     with (tmp_path / "bench.csv").open() as fh:
         written = list(csv.DictReader(fh))
     assert list(written[0]) == FIELDS and len(written) == 4
+
+
+def test_cpu_scales_bench_times_each_mode_against_rtn():
+    from nvfp4_convert.bench import run_scales_bench
+
+    lines = []
+    results = run_scales_bench(device="cpu", backends=["cpu"], shapes=[(32, 256)], repeats=1, out=lines.append)
+    (row,) = results
+    assert row["backend"] == "cpu" and row["rtn_s"] > 0
+    for mode in ("mse", "mse-weighted"):
+        assert row[f"{mode}_s"] > 0 and row[f"{mode}_vs_rtn"] == row[f"{mode}_s"] / row["rtn_s"]
+    assert lines[0].startswith("block-scale search cost on cpu") and lines[-1].startswith("cpu ")

@@ -231,14 +231,10 @@ def test_custom_op_in_a_cuda_graph():
     assert out[2].item() == global_scale(reference.amax(fresh.cpu())).item()
 
 
-@pytest.mark.gpu
-def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
-    """End to end on the GPU (Triton) versus the CPU: same bytes in every file."""
+def _tiny_llama(src):
+    """A two-layer Llama-shaped BF16 checkpoint in ``src`` with zero blocks, rows of spread magnitudes."""
     from safetensors.torch import save_file
 
-    from nvfp4_convert import convert
-
-    src = tmp_path / "src"
     src.mkdir()
     (src / "config.json").write_text('{"model_type": "llama", "num_hidden_layers": 2}')
     gen = torch.Generator().manual_seed(0)
@@ -252,13 +248,83 @@ def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
             w[: shape[0] // 8, :16] = 0  # zero blocks
             tensors[f"model.layers.{i}.{name}.weight"] = w.to(torch.bfloat16)
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def _assert_same_files(a, b):
+    files = sorted(p.name for p in a.iterdir() if p.is_file())
+    assert len([f for f in files if f.endswith(".safetensors")]) > 1
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+@pytest.mark.gpu
+def test_gpu_conversion_is_byte_identical_to_cpu(tmp_path):
+    """End to end on the GPU (Triton) versus the CPU: same bytes in every file."""
+    from nvfp4_convert import convert
+
+    _tiny_llama(tmp_path / "src")
+    src = tmp_path / "src"
     cpu = convert(str(src), tmp_path / "cpu", backend="reference", max_shard_size="300KB", progress=False)
     gpu = convert(str(src), tmp_path / "gpu", backend="triton", max_shard_size="300KB", progress=False)
     assert gpu.backend == "triton" and cpu.backend == "reference"
-    files = sorted(p.name for p in (tmp_path / "cpu").iterdir() if p.is_file())
-    assert len([f for f in files if f.endswith(".safetensors")]) > 1
-    for name in files:
-        assert (tmp_path / "cpu" / name).read_bytes() == (tmp_path / "gpu" / name).read_bytes(), name
+    _assert_same_files(tmp_path / "cpu", tmp_path / "gpu")
+
+
+@pytest.mark.parametrize("scales", ["mse", "mse-weighted"])
+def test_gpu_search_conversion_is_byte_identical_to_cpu(tmp_path, scales):
+    """``--scales mse`` / ``mse-weighted`` with the Triton search versus the CPU backend: same bytes."""
+    from nvfp4_convert import convert
+
+    _tiny_llama(tmp_path / "src")
+    src = tmp_path / "src"
+    kw = dict(scales=scales, max_shard_size="300KB", progress=False, log=lambda _: None)
+    on_cpu = "cpu" if kernels.get_backend("cpu").available() is None else "reference"
+    cpu = convert(str(src), tmp_path / "cpu", backend=on_cpu, **kw)
+    gpu = convert(str(src), tmp_path / "gpu", backend="triton", **kw)
+    assert gpu.backend == "triton" and cpu.backend == on_cpu
+    _assert_same_files(tmp_path / "cpu", tmp_path / "gpu")
+
+
+@pytest.mark.parametrize("scales", ["mse", "mse-weighted"])
+def test_triton_search_is_proven_and_chosen_for_the_search_modes(scales):
+    from nvfp4_convert.kernels.selfcheck import prove_search, select_proven_backend
+
+    triton_backend = kernels.get_backend("triton")
+    assert prove_search(triton_backend, scales).exact
+    chosen, reason = select_proven_backend(scales=scales)
+    assert chosen.name == "triton", reason
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 16), (129, 1040), (256, 2048)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_triton_search_matches_reference(shape, dtype):
+    """Both modes, with a fused partner's larger amax, against the sweep reference, from CPU and GPU inputs."""
+    from nvfp4_convert.kernels import search
+
+    w = _weight(*shape, dtype, seed=shape[0] + shape[1])
+    g = torch.Generator().manual_seed(shape[1])
+    h = torch.exp(3 * torch.randn(shape[1], generator=g))
+    amax = reference.amax(w) * 1.25
+    for weights in (None, h):
+        want = search.quantize(w, amax, weights)
+        _assert_same(triton_kernel.search(w, amax, weights), want)
+        _assert_same(triton_kernel.search_on_device(w.cuda(), amax, weights), want)
+
+
+def test_triton_search_hard_blocks_and_kernel_shapes(monkeypatch):
+    """Ties, zero/tiny blocks, losses that underflow or overflow (global scales 1e-30 .. 1e30), for each
+    kernel shape: the same bytes as the reference."""
+    from nvfp4_convert.kernels import search
+    from triton_search_interpreted import search_jobs
+
+    jobs = search_jobs(rows=300, magnitudes=(1e-30, 1e30))
+    wants = [search.quantize(w, amax, h) for w, amax, h in jobs]
+    for blocks, warps in ((64, 2), (32, 1), (128, 4)):
+        with monkeypatch.context() as m:
+            m.setitem(triton_kernel.CONFIG, "search_blocks", blocks)
+            m.setitem(triton_kernel.CONFIG, "search_warps", warps)
+            for (w, amax, h), want in zip(jobs, wants):
+                _assert_same(triton_kernel.search(w.cuda(), amax, h), want)
 
 
 def test_gpu_calibrated_hub_conversion_downloads_each_shard_once(tiny, fake_hub, tmp_path):
@@ -293,6 +359,15 @@ def test_cuda_bench_times_graphs_and_relates_to_copy(tmp_path):
     for r in rows.values():
         assert 0 < r["of_copy_bandwidth"] < r["of_copy_bandwidth_moved"]
     assert rows["triton"]["speedup_vs_reference"] > 1
+
+
+def test_cuda_scales_bench_reports_the_search_cost():
+    from nvfp4_convert.bench import run_scales_bench
+
+    lines = []
+    (row,) = run_scales_bench(device="cuda", backends=["triton"], shapes=[(512, 2048)], repeats=3, out=lines.append)
+    assert row["rtn_s"] > 0 and row["mse_vs_rtn"] > 0 and row["mse-weighted_vs_rtn"] > 0
+    assert lines[-1].startswith("triton ")
 
 
 def _modelopt_cuda_results() -> dict:

@@ -40,8 +40,9 @@ class Backend:
         set_threads: sets how many CPU threads it uses (``--threads``), for backends that have a say.
         quantize_device: like ``quantize`` but leaves the outputs on the GPU (CUDA backends).
         search: the ``mse``/``mse-weighted`` block-scale search (see :mod:`.search`):
-            ``(weight [R, K], global amax, channel weights [K] or None) -> (packed, scales)`` on the CPU;
-            None when the backend has none.
+            ``(weight [R, K], global amax, channel weights [K] or None) -> (packed, scales)`` on the CPU,
+            the weight on the CPU or (as the converter loads it for CUDA backends) the GPU; None when the
+            backend has none.
     """
 
     name: str

@@ -262,23 +262,38 @@ def _search_args(p: Probe, scales: str) -> tuple[torch.Tensor, torch.Tensor | No
     return amax, channel_weights_for(p) if scales == "mse-weighted" else None
 
 
+def _search_probes(large: bool, dtypes: tuple[torch.dtype, ...]) -> list[Probe]:
+    """The probe set without the tensors too large for the (slow) sweep reference; with ``large``, one
+    tensor per dtype that spans many kernel programs instead."""
+    probes = [p for p in _probe_set(False, dtypes) if not p.name.startswith("all-zero") and p.weight.numel() <= 16384]
+    if large:
+        g = torch.Generator().manual_seed(20240612)
+        for dt, (rows, k) in zip(ALL_DTYPES, ((96, 2048), (129, 1040), (33, 4096))):
+            if dt in dtypes:
+                w = torch.randn(rows, k, generator=g) * torch.logspace(-2, 0, rows)[:, None]
+                w[::7, :BLOCK] = 0.0  # zero blocks scattered over the programs
+                probes.append(Probe(f"large/{str(dt).removeprefix('torch.')}", w.to(dt), torch.tensor(1.0)))
+    return probes
+
+
 @functools.lru_cache(maxsize=8)
-def _expected_search(scales: str, dtypes: tuple[torch.dtype, ...]) -> tuple:
+def _expected_search(scales: str, dtypes: tuple[torch.dtype, ...], large: bool = False) -> tuple:
     out = []
-    for p in _probe_set(False, dtypes):
-        if p.name.startswith("all-zero") or p.weight.numel() > 8192 * 2:
-            continue  # the sweep reference is slow; the large probes are covered by the rtn check
+    for p in _search_probes(large, dtypes):
         amax, h = _search_args(p, scales)
         out.append((p, amax, h, *search.quantize(p.weight, amax, h)))
     return tuple(out)
 
 
-def prove_search(backend: Backend, scales: str, *, dtypes: tuple[torch.dtype, ...] | None = None) -> ProofResult:
-    """Check ``backend.search`` bit for bit against :mod:`.search` on the probe set, in mode ``scales``."""
+def prove_search(backend: Backend, scales: str, *, dtypes: tuple[torch.dtype, ...] | None = None,
+                 large: bool | None = None) -> ProofResult:
+    """Check ``backend.search`` bit for bit against :mod:`.search` on the probe set, in mode ``scales``
+    (``large``: add tensors that span many kernel programs; default: for CUDA backends)."""
     start = time.perf_counter()
     if backend.search is None:
         raise BackendRefused(backend.name, f"has no {scales} block-scale search")
-    expected = _expected_search(scales, tuple(d for d in ALL_DTYPES if d in (dtypes or ALL_DTYPES)))
+    large = backend.device == "cuda" if large is None else large
+    expected = _expected_search(scales, tuple(d for d in ALL_DTYPES if d in (dtypes or ALL_DTYPES)), large)
     elements = 0
     for p, amax, h, want_packed, want_scales in expected:
         try:

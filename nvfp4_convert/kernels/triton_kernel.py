@@ -17,6 +17,11 @@ rounding step is exact:
 
 Exact for all finite inputs; global scales outside [2^-80, 2^80] (tensors of denormal dust) take
 ``tl.div_rn``. NaN inputs are not handled bit-for-bit (the converter rejects them first).
+
+``_search_kernel`` is the ``mse``/``mse-weighted`` block-scale search (:mod:`.search`), one block per lane:
+the per-candidate thresholds and tables of :func:`.search.tables`, the loss summed in the reference's order
+without FP contraction, candidates visited and pruned as :func:`.numba_kernels.search_block` does, codes
+packed as above with a correctly rounded division.
 """
 
 import contextlib
@@ -38,6 +43,7 @@ except ImportError:  # the backend reports itself unavailable
 CONFIG = {
     "block_r": 4, "block_b": 32, "num_warps": 4, "programs_per_sm": 32,
     "amax_block": 1024, "amax_iters": 16, "amax_warps": 8, "exact_div": False, "hw_fp8": True, "simd16": True,
+    "search_blocks": 64, "search_warps": 2,  # search: blocks per program (one per lane), warps per program
 }
 
 _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -46,6 +52,7 @@ _KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 if triton is not None:
     _INV_GLOBAL = tl.constexpr(INV_GLOBAL)  # a float32 value, so the product is rounded once, as in common
     _GLOBAL_SCALE_MIN = tl.constexpr(GLOBAL_SCALE_MIN)
+    _INF = tl.constexpr(float("inf"))
 
     @triton.jit(do_not_specialize=["n"])  # one compiled kernel for every tensor size
     def _amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
@@ -309,6 +316,169 @@ if triton is not None:
             w0, w1 = n0, n1
 
 
+    # -- the block-scale search (mse / mse-weighted) --------------------------------------------------------
+    # The arithmetic is :mod:`.search`'s; the visiting order and its exact pruning are those of
+    # :func:`.numba_kernels.search_block`, lane by lane. A lane holds one block as two halves ``[2, 2, 2]``
+    # (elements 0-7 and 8-15, element ``4x + 2y + p`` at ``[x, y, p]``, ``p`` the word half), so the loss is
+    # summed in the reference's order by splitting off the last axis (``r_j = d_j + d_{j+8}``, then
+    # neighbours), and the kernel is compiled without FP contraction (``enable_fp_fusion=False``): each step
+    # rounds once, as in the reference. Per-lane values are ``[NB, 1, 1, 1]`` to broadcast against the halves.
+
+    @triton.jit
+    def _grid_values(s):
+        """``fl(g * s)`` for the eight E2M1 magnitudes ``g``: the ``q * s`` of every code."""
+        return tl.zeros_like(s), 0.5 * s, s, 1.5 * s, 2.0 * s, 3.0 * s, 4.0 * s, 6.0 * s
+
+    @triton.jit
+    def _sq_err(a, h, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED: tl.constexpr):
+        """``h * (a - q * s)^2``, ``q * s`` picked from the grid values ``v`` by the thresholds ``t`` of ``s``."""
+        qs = tl.where(a <= t0, v0, tl.where(a <= t1, v1, tl.where(a <= t2, v2, tl.where(
+            a <= t3, v3, tl.where(a <= t4, v4, tl.where(a <= t5, v5, tl.where(a <= t6, v6, v7)))))))
+        e = a - qs
+        if WEIGHTED:
+            return (e * e) * h
+        else:
+            return e * e
+
+    @triton.jit
+    def _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+              WEIGHTED: tl.constexpr):
+        """Loss of each lane's block at one candidate, summed as :func:`.search.block_sum` sums."""
+        r = (_sq_err(a_lo, h_lo, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+             + _sq_err(a_hi, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED))
+        even, odd = tl.split(r)
+        left, right = tl.split(even + odd)  # [r0 + r1, r4 + r5], [r2 + r3, r6 + r7]
+        q0, q1 = tl.split(left + right)
+        return (q0 + q1)[:, None, None, None]
+
+    @triton.jit
+    def _lane_max(lo, hi):
+        """Max over each lane's two halves, ``[NB, 1, 1, 1]``."""
+        return tl.max(tl.max(tl.max(tl.maximum(lo, hi), axis=3), axis=2), axis=1)[:, None, None, None]
+
+    @triton.jit
+    def _at_first(hit_lo, hit_hi, e, x_lo, x_hi):
+        """Each lane's ``x >= 0`` at its first element where ``hit`` holds (0 where none does)."""
+        first = -_lane_max(tl.where(hit_lo, -e, -16), tl.where(hit_hi, -8 - e, -16))
+        return _lane_max(tl.where(e == first, x_lo, 0.0), tl.where(e + 8 == first, x_hi, 0.0))
+
+    @triton.jit
+    def _candidate(cands_ptr, thr_ptr, j, on):
+        """Scale ``s_j`` of each lane's candidate ``j`` and its seven thresholds."""
+        t = thr_ptr + j * 7
+        return (tl.load(cands_ptr + j, mask=on, other=1.0), tl.load(t, mask=on, other=0.0),
+                tl.load(t + 1, mask=on, other=0.0), tl.load(t + 2, mask=on, other=0.0),
+                tl.load(t + 3, mask=on, other=0.0), tl.load(t + 4, mask=on, other=0.0),
+                tl.load(t + 5, mask=on, other=0.0), tl.load(t + 6, mask=on, other=0.0))
+
+    @triton.jit(do_not_specialize=["nblocks", "nblk"])
+    def _search_kernel(w_ptr, h_ptr, cands_ptr, thr_ptr, sbytes_ptr, divs_ptr, packed_ptr, scales_ptr, nblocks, nblk,
+                       KIND: tl.constexpr, WEIGHTED: tl.constexpr, N: tl.constexpr, NB: tl.constexpr):
+        """Blocks ``NB * pid ..`` of the row-major ``[R, K]`` weight: the winning candidate of each, its scale
+        byte, and the block's codes under that candidate's divisor (packed as ``_quantize_kernel`` packs)."""
+        two = tl.arange(0, 2)
+        m = (2 * two[:, None] + two[None, :])[None, :, :]  # word of a half-block at [x, y]
+        e = (4 * two[:, None, None] + 2 * two[None, :, None] + two[None, None, :])[None, :, :, :]
+        b = tl.program_id(0).to(tl.int64) * NB + tl.arange(0, NB)
+        on3 = (b < nblocks)[:, None, None]
+        on = (b < nblocks)[:, None, None, None]
+        wp = w_ptr + b[:, None, None] * 8 + m  # a block is 8 words of two elements each
+        w_lo = tl.load(wp, mask=on3, other=0)
+        w_hi = tl.load(wp + 4, mask=on3, other=0)
+        x0, x1 = _decode(w_lo, KIND)
+        a_lo = tl.join(tl.abs(x0), tl.abs(x1))
+        x0, x1 = _decode(w_hi, KIND)
+        a_hi = tl.join(tl.abs(x0), tl.abs(x1))
+        if WEIGHTED:
+            hp = h_ptr + (b % nblk)[:, None, None, None] * 16 + e
+            h_lo = tl.load(hp, mask=on, other=1.0)
+            h_hi = tl.load(hp + 8, mask=on, other=1.0)
+        else:  # unused
+            h_lo = a_lo
+            h_hi = a_hi
+        # Elements whose terms bound the loss from below (a sum of non-negative terms rounded to nearest never
+        # falls below one of them): the first largest one, and (weighted) the first with the largest h * a^2,
+        # whose term grows the most once it clips.
+        xm = _lane_max(a_lo, a_hi)
+        hm = _at_first(a_lo == xm, a_hi == xm, e, h_lo, h_hi)
+        if WEIGHTED:
+            key_lo = (a_lo * a_lo) * h_lo
+            key_hi = (a_hi * a_hi) * h_hi
+            kk = _lane_max(key_lo, key_hi)
+            ak = _at_first(key_lo == kk, key_hi == kk, e, a_lo, a_hi)
+            hk = _at_first(key_lo == kk, key_hi == kk, e, h_lo, h_hi)
+        else:
+            ak = xm
+            hk = hm
+        # the first candidate with 6 s >= xm
+        lo = tl.zeros_like(xm).to(tl.int32)
+        hi = lo + N
+        for _ in tl.static_range(7):
+            go = lo < hi
+            mid = (lo + hi) // 2
+            below = 6.0 * tl.load(cands_ptr + mid, mask=go, other=0.0) < xm
+            lo = tl.where(go & below, mid + 1, lo)
+            hi = tl.where(go & ~below, mid, hi)
+        j0 = tl.minimum(lo, N - 1)
+        s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j0, on)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+        loss = _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+        first = loss < _INF
+        best = tl.where(first, loss, _INF)
+        bi = tl.where(first, j0, 0)
+        # Downward (smaller scales): a candidate is evaluated unless a bound rules it out; a lane stops once a
+        # bounding element clips (6 s <= a, so its term only grows further down) and its term exceeds the best.
+        j = j0 - 1
+        act = on & (j >= 0)
+        while tl.max(act.to(tl.int32)) > 0:
+            s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+            bm = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            stop = (bm > best) & (xm > t6) & (v7 <= xm)
+            if WEIGHTED:
+                bk = _sq_err(ak, hk, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+                stop = stop | ((bk > best) & (ak > t6) & (v7 <= ak))
+                bound = tl.maximum(bm, bk)
+            else:
+                bound = bm
+            need = act & ~(bound > best) & ~((bound == best) & (j > bi))
+            if tl.max(need.to(tl.int32)) > 0:
+                loss = _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+                             WEIGHTED)
+                better = need & ((loss < best) | ((loss == best) & (j < bi)))
+                best = tl.where(better, loss, best)
+                bi = tl.where(better, j, bi)
+            j = j - 1
+            act = act & ~stop & (j >= 0)
+        # Upward: every index here exceeds the best one's, so only a smaller loss wins. Once the largest element
+        # rounds to 0, or to 0.5 from below half the scale, so does every element, and each term, hence the
+        # loss, can only grow from there on: that candidate is the lane's last.
+        j = j0 + 1
+        act = on & (j < N)
+        while tl.max(act.to(tl.int32)) > 0:
+            s, t0, t1, t2, t3, t4, t5, t6 = _candidate(cands_ptr, thr_ptr, j, act)
+            v0, v1, v2, v3, v4, v5, v6, v7 = _grid_values(s)
+            bound = _sq_err(xm, hm, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6, WEIGHTED)
+            if WEIGHTED:
+                bound = tl.maximum(bound, _sq_err(ak, hk, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+                                                  WEIGHTED))
+            need = act & (bound < best)
+            if tl.max(need.to(tl.int32)) > 0:
+                loss = _loss(a_lo, a_hi, h_lo, h_hi, v0, v1, v2, v3, v4, v5, v6, v7, t0, t1, t2, t3, t4, t5, t6,
+                             WEIGHTED)
+                better = need & (loss < best)
+                best = tl.where(better, loss, best)
+                bi = tl.where(better, j, bi)
+            last = (xm <= t0) | ((xm <= t1) & (s >= 2.0**-125) & (v1 >= xm))
+            j = j + 1
+            act = act & ~last & (j < N)
+        tl.store(scales_ptr + b[:, None, None, None], tl.load(sbytes_ptr + bi, mask=on, other=0), mask=on)
+        d = tl.max(tl.load(divs_ptr + bi, mask=on, other=1.0), axis=3)  # [NB, 1, 1]
+        pp = packed_ptr + b[:, None, None] * 8 + m
+        tl.store(pp, _packed(w_lo, d, d, d, KIND, True), mask=on3)
+        tl.store(pp + 4, _packed(w_hi, d, d, d, KIND, True), mask=on3)
+
+
 def _launch_amax(weight: torch.Tensor, acc_i32: torch.Tensor) -> None:
     """Fold max|weight| into ``acc_i32`` (the int32 view of a non-negative float32), without a host sync."""
     flat = weight.reshape(-1)
@@ -454,6 +624,60 @@ def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, tor
     return packed.cpu(), scales.cpu()
 
 
+def _launch_search(weight: torch.Tensor, tables: tuple[torch.Tensor, ...], channel_weights: torch.Tensor | None):
+    """``mse``/``mse-weighted`` packed codes and block scales of ``weight [R, K]`` on its device, from the
+    :func:`.search.tables` of its group (on the same device)."""
+    rows, k = weight.shape
+    if k % BLOCK:
+        raise ValueError(f"K must be a multiple of {BLOCK}, got {k}")
+    if weight.dtype not in _KIND:
+        raise TypeError(f"unsupported dtype {weight.dtype}; expected bfloat16, float16 or float32")
+    weight = weight.contiguous()
+    words = weight.view(torch.int64 if weight.dtype == torch.float32 else torch.int32)
+    nblk = k // BLOCK
+    packed = torch.empty((rows, k // 2), dtype=torch.uint8, device=weight.device)
+    scales = torch.empty((rows, nblk), dtype=torch.float8_e4m3fn, device=weight.device)
+    cands, thr, sbytes, divs = tables
+    h = cands if channel_weights is None else channel_weights.to(device=weight.device, dtype=torch.float32)
+    if rows and nblk:
+        cfg = CONFIG
+        grid = (triton.cdiv(rows * nblk, cfg["search_blocks"]),)
+        _search_kernel[grid](
+            words, h.contiguous(), cands, thr, sbytes, divs, packed, scales.view(torch.uint8), rows * nblk, nblk,
+            KIND=_KIND[weight.dtype], WEIGHTED=channel_weights is not None, N=cands.numel(), NB=cfg["search_blocks"],
+            num_warps=cfg["search_warps"], enable_fp_fusion=False,
+        )
+    return packed, scales
+
+
+@functools.lru_cache(maxsize=16)
+def _search_tables(amax: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """:func:`.search.tables` of a global amax, on ``device`` (a fused group's chunks share them)."""
+    from . import search as sweep
+
+    return tuple(t.to(device) for t in sweep.tables(torch.tensor(amax, dtype=torch.float32)))
+
+
+def search_on_device(weight: torch.Tensor, amax: torch.Tensor,
+                     channel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like :func:`search` on ``weight``'s own device (a CPU one under ``TRITON_INTERPRET=1``); outputs stay there."""
+    from . import search as sweep
+
+    amax = torch.as_tensor(amax, dtype=torch.float32).detach().cpu().reshape(())
+    if amax == 0 or weight.dtype not in _KIND:
+        packed, scales = sweep.quantize(weight, amax, channel_weights)
+        return packed.to(weight.device), scales.to(weight.device)
+    with _on(weight.device):
+        return _launch_search(weight, _search_tables(float(amax), weight.device), channel_weights)
+
+
+def search(weight: torch.Tensor, amax: torch.Tensor,
+           channel_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry search: :func:`.search.quantize`'s contract and bits, computed on the GPU; outputs on the CPU."""
+    packed, scales = search_on_device(weight if weight.is_cuda else weight.to("cuda"), amax, channel_weights)
+    return packed.cpu(), scales.cpu()
+
+
 def amax(weight: torch.Tensor) -> torch.Tensor:
     """Registry amax: max|weight| as a float32 0-dim tensor on the GPU."""
     return _amax(weight if weight.is_cuda else weight.to("cuda"))
@@ -480,5 +704,6 @@ BACKENDS = (
         priority=100,
         description="Triton kernel, bit-exact with ModelOpt 0.47; any CUDA GPU of compute capability 8.0+",
         quantize_device=quantize_on_device,
+        search=search,
     ),
 )
