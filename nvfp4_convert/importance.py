@@ -3,15 +3,25 @@
 The weighted block-scale search minimizes ``sum_i h_i (w_i - q_i)^2`` with one weight ``h_i`` per input
 channel of a Linear layer, ideally ``E[x_i^2]`` of its input. :class:`ChannelWeights` is the interface the
 pipeline asks; calibration supplies measured ``E[x_i^2]`` through :class:`FixedChannelWeights`, and
-:class:`DataFreeProxy` estimates it from the checkpoint's own tensors, assuming the normalized hidden
-state has unit variance in every channel and weights act like independent random projections:
+:class:`DataFreeProxy` estimates it from the checkpoint's own tensors:
 
-* q/k/v and gate/up read the preceding RMSNorm's output: ``h = g^2`` (``g`` its weight; ``1 + g`` for
-  Gemma-style norms);
+* q/k/v and gate/up read the preceding RMSNorm's output: ``h_i = g_i^2 / c_i^2`` with ``g`` the norm's
+  weight (``1 + g`` for Gemma-style norms) and ``c_i = sum_j W[j, i]^2`` the energy of the layer's own input
+  column ``i``. The normalized residual stream is far from unit variance per channel (a few channels carry
+  most of its energy) and trained layers read such channels with small weights, so ``1 / c_i^2`` stands in
+  for the missing per-channel variance (the exponent is measured: 1, 1.5, 2, 2.5 remove 27%, 31%, 32%,
+  26% of RTN's KL below). An all-zero column gets no weight (its error is zero anyway), and ``c`` is
+  floored at ``FLOOR`` times its mean;
 * o_proj reads the attention output, a mix of value vectors: ``h_j = sum_k W_v[j', k]^2 g_k^2`` with ``j'``
   the value channel that feeds channel ``j`` (grouped-query heads repeat);
 * down_proj reads ``silu(gate) * up``: ``h_j = E[silu(z)^2] * sum_k W_up[j, k]^2 g_k^2`` with ``z`` normal of
-  variance ``sum_k W_gate[j, k]^2 g_k^2``.
+  variance ``sum_k W_gate[j, k]^2 g_k^2`` (a unit-variance normalized input, weights as independent random
+  projections).
+
+Measured on SmolLM2-135M (``python benchmarks/accuracy.py``, KL to BF16 over 1,337 tokens), the share of
+round-to-nearest's KL removed: unweighted ``mse`` 12.4%; this proxy 32.0%; with ``h = g^2`` for the norm
+readers (no column energies) 19.0%; calibrated ``E[x^2]`` of 4k tokens of other text 57%. On 2,044 tokens
+of Python's documentation instead: ``mse`` 8.0%, this proxy 29.0%, ``h = g^2`` 21.4%.
 
 Anything else (MoE routers' consumers, unknown layouts) gets no weights, i.e. plain ``mse``. Weights are
 normalized to mean 1 and floored at 1e-3, so a channel the proxy thinks is dead still counts a little.
@@ -106,7 +116,7 @@ class DataFreeProxy:
     def needs(self, module: str) -> list[str]:
         norm = self._norm(module)
         if norm:
-            return [norm]
+            return [norm, f"{module}.weight"]
         inputs = self._inputs(module)
         norms = [self._norm(i) for i in inputs]
         if not inputs or None in norms or any(f"{i}.weight" not in self.names for i in inputs):
@@ -120,6 +130,10 @@ class DataFreeProxy:
     def _gamma2(self, norm: str, rows: Rows) -> torch.Tensor:
         g = torch.cat([r.reshape(-1) for _, r in rows(norm)]).double()
         return (g + 1 if self.offset_norm else g).pow(2)
+
+    def _column_energy(self, module: str, rows: Rows) -> torch.Tensor:
+        """``c_i = sum_j W[j, i]^2`` of ``module``'s weight (float64 ``[K]``)."""
+        return sum(r.double().pow(2).sum(0) for _, r in rows(f"{module}.weight"))
 
     def _row_energy(self, module: str, rows: Rows) -> torch.Tensor:
         name = f"{module}.weight"
@@ -135,7 +149,9 @@ class DataFreeProxy:
             return None
         norm = self._norm(module)
         if norm:
-            return _normalized(self._gamma2(norm, rows))
+            c = self._column_energy(module, rows)
+            h = self._gamma2(norm, rows) / c.clamp(min=FLOOR * float(c.mean())).pow(2)
+            return _normalized(torch.where(c > 0, h, 0.0))
         inputs = self._inputs(module)
         if len(inputs) == 1:  # o_proj: value channel of each attention-output channel
             v = self._row_energy(inputs[0], rows).view(self.kv_heads, self.head_dim)

@@ -15,7 +15,7 @@ import torch
 
 from checks import load_all
 from nvfp4_convert import convert
-from nvfp4_convert.importance import DataFreeProxy, FixedChannelWeights, silu_square_mean
+from nvfp4_convert.importance import FLOOR, DataFreeProxy, FixedChannelWeights, silu_square_mean
 from nvfp4_convert.kernels import Backend, reference, search, selfcheck
 from nvfp4_convert.kernels.common import dequantize, global_scale
 
@@ -113,27 +113,40 @@ def test_proxy_weights_follow_the_layer_structure():
     t = {
         "m.layers.0.input_layernorm.weight": torch.rand(hidden, generator=g) + 0.5,
         "m.layers.0.post_attention_layernorm.weight": torch.rand(hidden, generator=g) + 0.5,
+        "m.layers.0.self_attn.k_proj.weight": torch.randn(kv * hd, hidden, generator=g),
         "m.layers.0.self_attn.v_proj.weight": torch.randn(kv * hd, hidden, generator=g),
         "m.layers.0.mlp.gate_proj.weight": torch.randn(inter, hidden, generator=g),
         "m.layers.0.mlp.up_proj.weight": torch.randn(inter, hidden, generator=g),
     }
+    t["m.layers.0.self_attn.k_proj.weight"][:, 3] /= 10  # read with small weights: a large input channel
     proxy = DataFreeProxy({"model_type": "llama", "hidden_size": hidden, "num_attention_heads": heads,
                            "num_key_value_heads": kv}, set(t) | {"m.layers.0.self_attn.o_proj.weight"})
 
     def rows(name):
-        yield 0, t[name]
+        yield 0, t[name][:5]
+        yield 5, t[name][5:]
 
     def mean1(x):
-        return (x / x.mean()).float()
+        return (x / x.mean()).clamp(min=1e-3).float()
+
+    def columns(name):
+        return t[f"m.layers.0.{name}.weight"].double().pow(2).sum(0)
 
     g1 = t["m.layers.0.input_layernorm.weight"].double() ** 2
-    assert torch.allclose(proxy.weights("m.layers.0.self_attn.q_proj", rows), mean1(g1))
+    assert proxy.needs("m.layers.0.self_attn.k_proj") == ["m.layers.0.input_layernorm.weight",
+                                                          "m.layers.0.self_attn.k_proj.weight"]
+    k = proxy.weights("m.layers.0.self_attn.k_proj", rows)
+    assert torch.allclose(k, mean1(g1 / columns("self_attn.k_proj") ** 2))
+    assert k[3] > 1000 * k.median()
+    assert torch.allclose(proxy.weights("m.layers.0.self_attn.v_proj", rows),
+                          mean1(g1 / columns("self_attn.v_proj") ** 2))
     assert proxy.needs("m.layers.0.self_attn.o_proj") == ["m.layers.0.self_attn.v_proj.weight",
                                                           "m.layers.0.input_layernorm.weight"]
     v = (t["m.layers.0.self_attn.v_proj.weight"].double() ** 2 @ g1).view(kv, hd)
     want = mean1(torch.cat([v[0], v[0], v[1], v[1]]))  # heads 0,1 read kv head 0; heads 2,3 kv head 1
     assert torch.allclose(proxy.weights("m.layers.0.self_attn.o_proj", rows), want)
     g2 = t["m.layers.0.post_attention_layernorm.weight"].double() ** 2
+    assert torch.allclose(proxy.weights("m.layers.0.mlp.up_proj", rows), mean1(g2 / columns("mlp.up_proj") ** 2))
     gate = t["m.layers.0.mlp.gate_proj.weight"].double() ** 2 @ g2
     up = t["m.layers.0.mlp.up_proj.weight"].double() ** 2 @ g2
     z = torch.randn(200_000, dtype=torch.float64, generator=g)
@@ -142,6 +155,24 @@ def test_proxy_weights_follow_the_layer_structure():
     assert torch.allclose(proxy.weights("m.layers.0.mlp.down_proj", rows), mean1(silu_square_mean(gate) * up))
     assert proxy.order("m.layers.0.mlp.down_proj") > proxy.order("m.layers.0.mlp.up_proj")
     assert proxy.weights("m.layers.0.mlp.experts_router", rows) is None
+
+
+def test_proxy_column_energies_dead_and_tiny_columns_gemma_norms():
+    """An all-zero input column gets the floor weight, a nearly dead one's energy is floored at FLOOR x the
+    mean; Gemma-style norms weigh by (1 + g)^2."""
+    g = torch.Generator().manual_seed(2)
+    norm = torch.rand(32, generator=g) - 0.5
+    w = torch.randn(8, 32, generator=g)
+    w[:, 5] = 0
+    w[:, 9] *= 1e-4
+    t = {"m.layers.0.post_attention_layernorm.weight": norm, "m.layers.0.mlp.experts.1.gate_proj.weight": w}
+    proxy = DataFreeProxy({"model_type": "gemma2", "hidden_size": 32}, set(t))
+    h = proxy.weights("m.layers.0.mlp.experts.1.gate_proj", lambda name: iter([(0, t[name])]))
+    c = w.double().pow(2).sum(0)
+    want = (1 + norm.double()) ** 2 / c.clamp(min=1e-3 * c.mean()) ** 2
+    want[5] = 0
+    assert h[5] == FLOOR and torch.isfinite(h).all()
+    assert torch.allclose(h, (want / want.mean()).clamp(min=FLOOR).float())
 
 
 def test_weighted_conversion_uses_the_proxy_across_shards_and_resumes(tiny, tmp_path):
