@@ -54,6 +54,8 @@ _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 _CHUNKS_PER_THREAD = 4  # row chunks per thread, so a slow thread does not hold up the others
 _MIN_PARALLEL_ELEMENTS = 1 << 16  # below this a weight is quantized on the calling thread
+_MIN_JOB_ELEMENTS = 1 << 18  # ~0.3 ms of one thread's quantizing: a pool job costs tens of us of GIL-bound
+# Python, so smaller jobs (an MoE expert cut into 64) would serialize on it instead of running in parallel
 
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32)
 _F16_BITS: np.ndarray | None = None
@@ -150,7 +152,10 @@ def _run(kernel, w: np.ndarray, packed: np.ndarray, scales: np.ndarray, consts: 
     if m > 1:
         rows, k = rows * m, k // m
         w, packed, scales = w.reshape(rows, k), packed.reshape(rows, k // 2), scales.reshape(rows, k // BLOCK)
-    chunks = min(rows, want)
+    chunks = min(rows, want, max(1, rows * k // _MIN_JOB_ELEMENTS))
+    if chunks == 1:
+        kernel(w, packed, scales, *consts)
+        return
     cuts = [rows * c // chunks for c in range(chunks + 1)]
     pool = _pool(n)
     jobs = [pool.submit(kernel, w[a:b], packed[a:b], scales[a:b], *consts) for a, b in zip(cuts[:-1], cuts[1:])]
