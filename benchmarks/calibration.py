@@ -82,8 +82,8 @@ def write_model(folder: Path, shape: dict, layers: int | None = None) -> Path:
     return folder
 
 
-def run(folder: Path, *, samples: int, seq_len: int, device: str, batch_tokens: int) -> dict:
-    from nvfp4_convert.calibration.collect import collect_statistics
+def _setup(folder: Path, *, samples: int, seq_len: int):
+    """The checkpoint's source, config, plan and ``samples`` rows of random token ids."""
     from nvfp4_convert.calibration.data import CalibrationData
     from nvfp4_convert.plan import build_plan
     from nvfp4_convert.recipes import load_recipe
@@ -94,7 +94,13 @@ def run(folder: Path, *, samples: int, seq_len: int, device: str, batch_tokens: 
     plan = build_plan(config=config, headers=source.headers(), weight_map=source.weight_map,
                       recipe=load_recipe(config=config))
     ids = torch.randint(0, config["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(1))
-    data = CalibrationData(ids, dataset="random token ids", column=None, split=None)
+    return source, config, plan, CalibrationData(ids, dataset="random token ids", column=None, split=None)
+
+
+def run(folder: Path, *, samples: int, seq_len: int, device: str, batch_tokens: int) -> dict:
+    from nvfp4_convert.calibration.collect import collect_statistics
+
+    source, config, plan, data = _setup(folder, samples=samples, seq_len=seq_len)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
@@ -124,18 +130,9 @@ def weight_step(folder: Path, out: Path, *, samples: int, seq_len: int, device: 
     """Conversion time with round-to-nearest block scales against the E[x^2]-weighted search (statistics given)."""
     from nvfp4_convert import convert
     from nvfp4_convert.calibration.collect import collect_statistics
-    from nvfp4_convert.calibration.data import CalibrationData
     from nvfp4_convert.importance import FixedChannelWeights
-    from nvfp4_convert.plan import build_plan
-    from nvfp4_convert.recipes import load_recipe
-    from nvfp4_convert.sources import open_source
 
-    source = open_source(str(folder))
-    config = source.read_json("config.json")
-    plan = build_plan(config=config, headers=source.headers(), weight_map=source.weight_map,
-                      recipe=load_recipe(config=config))
-    ids = torch.randint(0, config["vocab_size"], (samples, seq_len), generator=torch.Generator().manual_seed(1))
-    data = CalibrationData(ids, dataset="random token ids", column=None, split=None)
+    source, config, plan, data = _setup(folder, samples=samples, seq_len=seq_len)
     start = time.perf_counter()
     stats = collect_statistics(source=source, plan=plan, config=config, data=data, device=device, progress=False,
                                batch_tokens=batch_tokens)
