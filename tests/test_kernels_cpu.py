@@ -256,6 +256,13 @@ def test_amax_matches_reference(dtype):
             assert torch.equal(got, reference.amax(w))
     zeros = torch.full((2, 16), -0.0, dtype=dtype)
     assert cpu.amax(zeros).item() == 0.0 and math.copysign(1, cpu.amax(zeros).item()) == 1
+    w = torch.randn(2048, 1024, generator=gen).to(dtype)  # several pool jobs
+    w[1500, 7] = -70.0
+    assert cpu.amax(w).item() == 70.0 and torch.equal(cpu.amax(w), reference.amax(w))
+    w[3, 3] = -float("inf")
+    assert cpu.amax(w).item() == float("inf")
+    w[2000, 1] = float("nan")
+    assert torch.isnan(cpu.amax(w))
 
 
 def test_thread_count_does_not_change_results():

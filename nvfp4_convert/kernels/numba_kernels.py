@@ -38,6 +38,19 @@ assert E2M1_TIE_UP_BOUNDS == (E2M1_BOUNDS[1], E2M1_BOUNDS[3], E2M1_BOUNDS[5])  #
 _U_ABS32 = np.uint32(0x7FFFFFFF)
 
 
+@_jit()
+def absmax_bits(w, mask):
+    """The largest sign-cleared bit pattern in ``w`` (unsigned integer bits of floats): for floats of
+    one format the order of such patterns is the order of ``|x|``, and a NaN's exceeds infinity's."""
+    m = w.dtype.type(0)
+    for r in range(w.shape[0]):
+        for c in range(w.shape[1]):
+            v = w[r, c] & mask
+            if v > m:
+                m = v
+    return m
+
+
 @_jit(inline="always")
 def quantize_row(f, u, packed, scales, ws2, six_ws2, blk, blkf, codes):
     """One row: ``f`` float32 values and ``u`` the same memory as uint32. Scratch: ``blk``/``blkf``
