@@ -263,6 +263,9 @@ def test_amax_matches_reference(dtype):
     assert cpu.amax(w).item() == float("inf")
     w[2000, 1] = float("nan")
     assert torch.isnan(cpu.amax(w))
+    for shape in [(40,), (3, 8, 48)]:  # a vector, stacked experts
+        w = (torch.rand(shape, generator=gen) - 0.5).to(dtype)
+        assert torch.equal(cpu.amax(w), reference.amax(w))
 
 
 def test_thread_count_does_not_change_results():

@@ -137,6 +137,18 @@ def _bits(weight: torch.Tensor) -> np.ndarray:
     return weight.view(torch.int16).numpy().view(np.uint16)
 
 
+def _by_rows(fn, arrays: tuple[np.ndarray, ...], extra: tuple, chunks: int) -> list:
+    """``fn(*row slices of arrays, *extra)`` over ``chunks`` ranges of rows, on the pool (on this thread for
+    one); the results in row order. The kernels release the GIL, so the ranges run in parallel."""
+    if chunks <= 1:
+        return [fn(*arrays, *extra)]
+    rows = arrays[0].shape[0]
+    cuts = [rows * c // chunks for c in range(chunks + 1)]
+    pool = _pool(threads())
+    jobs = [pool.submit(fn, *(a[x:y] for a in arrays), *extra) for x, y in zip(cuts[:-1], cuts[1:])]
+    return [job.result() for job in jobs]
+
+
 def _run(kernel, w: np.ndarray, packed: np.ndarray, scales: np.ndarray, consts: tuple) -> None:
     """Run ``kernel`` over row chunks of ``w`` on the pool (the kernels release the GIL)."""
     rows, k = w.shape
@@ -153,15 +165,7 @@ def _run(kernel, w: np.ndarray, packed: np.ndarray, scales: np.ndarray, consts: 
     if m > 1:
         rows, k = rows * m, k // m
         w, packed, scales = w.reshape(rows, k), packed.reshape(rows, k // 2), scales.reshape(rows, k // BLOCK)
-    chunks = min(rows, want, max(1, rows * k // _MIN_JOB_ELEMENTS))
-    if chunks == 1:
-        kernel(w, packed, scales, *consts)
-        return
-    cuts = [rows * c // chunks for c in range(chunks + 1)]
-    pool = _pool(n)
-    jobs = [pool.submit(kernel, w[a:b], packed[a:b], scales[a:b], *consts) for a, b in zip(cuts[:-1], cuts[1:])]
-    for job in jobs:
-        job.result()
+    _by_rows(kernel, (w, packed, scales), consts, min(rows, want, max(1, rows * k // _MIN_JOB_ELEMENTS)))
 
 
 def quantize(weight: torch.Tensor, ws2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,22 +207,18 @@ def amax(weight: torch.Tensor) -> torch.Tensor:
     value as ``abs().amax()`` without its temporary copy, and without torch's threads, which would keep
     spinning beside the pool's quantize that follows.
     """
-    if weight.dtype not in _SUPPORTED or weight.numel() == 0 or weight.dim() != 2:
+    if weight.dtype not in _SUPPORTED or weight.numel() == 0 or weight.dim() == 0:
         return reference.amax(weight)
     _require()
     weight = weight.detach().cpu().contiguous()
+    flat = weight.reshape(-1, weight.shape[-1])  # any layout: only the largest magnitude matters
     if weight.dtype == torch.float32:
-        bits, mask, as_float = weight.numpy().view(np.uint32), np.uint32(0x7FFFFFFF), torch.int32
+        bits, mask, as_float = flat.numpy().view(np.uint32), np.uint32(0x7FFFFFFF), torch.int32
     else:
-        bits, mask, as_float = _bits(weight), np.uint16(0x7FFF), torch.int16
+        bits, mask, as_float = _bits(flat), np.uint16(0x7FFF), torch.int16
     rows, k = bits.shape
     chunks = min(rows, threads(), max(1, rows * k // _MIN_AMAX_JOB_ELEMENTS))
-    if chunks == 1:
-        top = _KERNELS.absmax_bits(bits, mask)
-    else:  # on the kernels' own pool: torch's threads would go on spinning beside it after the call
-        cuts = [rows * c // chunks for c in range(chunks + 1)]
-        jobs = [_pool(threads()).submit(_KERNELS.absmax_bits, bits[a:b], mask) for a, b in zip(cuts[:-1], cuts[1:])]
-        top = max(job.result() for job in jobs)
+    top = max(_by_rows(_KERNELS.absmax_bits, (bits,), (mask,), chunks))
     return torch.tensor(int(top), dtype=as_float).view(weight.dtype).float()  # sign bit clear: fits signed
 
 
@@ -248,19 +248,11 @@ def search(weight: torch.Tensor, amax: torch.Tensor, channel_weights: torch.Tens
     scales = np.empty((rows, k // BLOCK), dtype=np.uint8)
     n = threads()
     chunks = min(rows, _CHUNKS_PER_THREAD * n) if n > 1 and rows * k >= _MIN_PARALLEL_ELEMENTS else 1
-    cuts = [rows * c // chunks for c in range(chunks + 1)]
-    if chunks == 1:
-        _search_rows(kernel, w, consts, packed, scales)
-    else:
-        pool = _pool(n)
-        jobs = [pool.submit(_search_rows, kernel, w[x:y], consts, packed[x:y], scales[x:y])
-                for x, y in zip(cuts[:-1], cuts[1:])]
-        for job in jobs:
-            job.result()
+    _by_rows(_search_rows, (w, packed, scales), (kernel, consts), chunks)
     return torch.from_numpy(packed), torch.from_numpy(scales).view(torch.float8_e4m3fn)
 
 
-def _search_rows(kernel, w, consts, packed, scales) -> None:
+def _search_rows(w, packed, scales, kernel, consts) -> None:
     h, cands, thr, sbytes, divs, *extra = consts
     kernel(w, h, cands, thr, sbytes, divs, packed, scales, *extra)
 

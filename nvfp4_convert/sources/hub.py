@@ -260,8 +260,9 @@ class HubSource:
         A data check still running is waited for (its verdict stays for :meth:`check`)."""
         self._held.pop(filename, None)
         pending = self._pending.pop(filename, None)
-        for future in (pending if pending is not None and not pending.cancel() else None,
-                       self._checks.get(filename)):
+        if pending is not None and pending.cancel():
+            pending = None  # never started: nothing to wait for
+        for future in (pending, self._checks.get(filename)):
             if future is not None:
                 try:
                     future.result()
