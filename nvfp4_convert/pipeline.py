@@ -319,11 +319,9 @@ def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
 def first_source_shard(*, plan: Plan, shards: list[OutputShard], scales: str = "rtn",
                        channel_weights: ChannelWeights | None = None) -> str | None:
     """The source shard :func:`run` acquires first for these arguments (a source may start fetching it early)."""
-    steps = _steps(shards, channel_weights if scales == "mse-weighted" else None)
-    if not steps:
-        return None
-    return min(_sources(steps[0][1], plan, channel_weights if scales == "mse-weighted" else None),
-               key=plan.source_shards.index, default=None)
+    weighted = channel_weights if scales == "mse-weighted" else None
+    steps = _steps(shards, weighted)
+    return min(_sources(steps[0][1], plan, weighted), key=plan.source_shards.index, default=None) if steps else None
 
 
 def _steps(shards: list[OutputShard], weighted: ChannelWeights | None) -> list[tuple[int, Unit]]:
